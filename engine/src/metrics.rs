@@ -1,0 +1,272 @@
+//! Run accounting: per-entry counters, the errors file, the progress bar and the metrics JSON.
+//!
+//! Counters are atomics shared by all workers of a process, so recording is cheap on the hot
+//! path. Failed records are appended to `errors.jsonl` in the run folder as they happen, one
+//! JSON object per line with the record's key, its source position, the entry that failed it
+//! and why; the run goes on. The progress bar is drawn only when stderr is a terminal.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use crate::stage::Failure;
+
+/// Counters of one entry.
+#[derive(Default, Debug)]
+pub struct Counters {
+    /// Records received.
+    pub records_in: AtomicU64,
+    /// Records passed on (or written, for sinks).
+    pub records_out: AtomicU64,
+    /// Records failed.
+    pub records_failed: AtomicU64,
+    /// Batches processed.
+    pub batches: AtomicU64,
+    /// Time spent inside the entry's code, summed over workers, in nanoseconds.
+    pub busy_ns: AtomicU64,
+}
+
+impl Counters {
+    /// Adds to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Adds elapsed time to `busy_ns`.
+    pub fn busy(&self, d: Duration) {
+        self.busy_ns
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Per-entry figures in the metrics JSON.
+#[derive(Serialize, Debug, Clone)]
+pub struct EntryMetrics {
+    /// `source`, `stage` or `sink`.
+    pub role: String,
+    /// The entry's kind.
+    pub kind: String,
+    /// Records received.
+    pub records_in: u64,
+    /// Records passed on or written.
+    pub records_out: u64,
+    /// Records failed.
+    pub records_failed: u64,
+    /// Batches processed.
+    pub batches: u64,
+    /// Seconds spent in the entry's code, summed over workers.
+    pub busy_seconds: f64,
+    /// Records out per busy second.
+    pub throughput_per_busy_second: f64,
+    /// Records out per second of the whole run.
+    pub throughput_per_wall_second: f64,
+}
+
+/// The metrics JSON written at the end of a run.
+#[derive(Serialize, Debug, Clone)]
+pub struct RunMetrics {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Worker threads in this process.
+    pub workers: usize,
+    /// Processes in the computation.
+    pub processes: usize,
+    /// This process's index.
+    pub process: usize,
+    /// Seconds from start to end.
+    pub wall_seconds: f64,
+    /// Records read by all sources.
+    pub records_read: u64,
+    /// Records that failed anywhere.
+    pub records_failed: u64,
+    /// Figures per entry, by name.
+    pub entries: BTreeMap<String, EntryMetrics>,
+    /// Files written by sinks.
+    pub outputs: Vec<PathBuf>,
+}
+
+/// Shared state of one run in one process.
+pub struct RunState {
+    entries: BTreeMap<String, (String, String, Arc<Counters>)>,
+    errors: Mutex<Option<BufWriter<File>>>,
+    errors_path: PathBuf,
+    failed: AtomicU64,
+    read: AtomicU64,
+    outputs: Mutex<Vec<PathBuf>>,
+    progress: ProgressBar,
+    start: Instant,
+}
+
+impl RunState {
+    /// State for a run writing into `out_dir`; `entries` are (name, role, kind).
+    pub fn new(
+        out_dir: &Path,
+        entries: &[(String, String, String)],
+        total: Option<u64>,
+        process: usize,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(out_dir)?;
+        let name = if process == 0 {
+            "errors.jsonl".to_string()
+        } else {
+            format!("errors.{process}.jsonl")
+        };
+        let errors_path = out_dir.join(name);
+        // Created lazily: a clean run leaves no errors file behind.
+        if errors_path.exists() {
+            std::fs::remove_file(&errors_path)?;
+        }
+        let progress = if std::io::stderr().is_terminal() {
+            let bar = match total {
+                Some(n) => ProgressBar::new(n),
+                None => ProgressBar::new_spinner(),
+            };
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} read ({per_sec}, eta {eta}) {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_draw_target(ProgressDrawTarget::stderr_with_hz(4));
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        Ok(RunState {
+            entries: entries
+                .iter()
+                .map(|(n, r, k)| {
+                    (
+                        n.clone(),
+                        (r.clone(), k.clone(), Arc::new(Counters::default())),
+                    )
+                })
+                .collect(),
+            errors: Mutex::new(None),
+            errors_path,
+            failed: AtomicU64::new(0),
+            read: AtomicU64::new(0),
+            outputs: Mutex::new(Vec::new()),
+            progress,
+            start: Instant::now(),
+        })
+    }
+
+    /// The counters of an entry.
+    pub fn counters(&self, name: &str) -> Arc<Counters> {
+        self.entries
+            .get(name)
+            .map(|e| e.2.clone())
+            .unwrap_or_default()
+    }
+
+    /// Notes records read by a source.
+    pub fn read(&self, n: u64) {
+        self.read.fetch_add(n, Ordering::Relaxed);
+        self.progress.inc(n);
+    }
+
+    /// Records a failed record in the errors file.
+    pub fn fail(&self, f: &Failure) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(key = %f.key, stage = %f.stage, reason = %f.reason, "record failed");
+        let n = self.failed.load(Ordering::Relaxed);
+        self.progress.set_message(format!("{n} failed"));
+        let mut guard = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            match File::create(&self.errors_path) {
+                Ok(file) => *guard = Some(BufWriter::new(file)),
+                Err(e) => {
+                    tracing::error!(path = %self.errors_path.display(), error = %e, "cannot create the errors file");
+                    return;
+                }
+            }
+        }
+        if let Some(w) = guard.as_mut() {
+            let line = serde_json::json!({"key": &*f.key, "seq": f.seq, "stage": f.stage, "reason": f.reason});
+            let _ = writeln!(w, "{line}");
+        }
+    }
+
+    /// Notes files written by a sink.
+    pub fn outputs(&self, files: Vec<PathBuf>) {
+        self.outputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(files);
+    }
+
+    /// Records failed so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// The errors file (it exists only if a record failed).
+    pub fn errors_path(&self) -> &Path {
+        &self.errors_path
+    }
+
+    /// Flushes the errors file, closes the progress bar, and gathers the metrics.
+    pub fn finish(
+        &self,
+        pipeline: &str,
+        workers: usize,
+        processes: usize,
+        process: usize,
+    ) -> RunMetrics {
+        if let Some(w) = self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            let _ = w.flush();
+        }
+        self.progress.finish_and_clear();
+        let wall = self.start.elapsed().as_secs_f64();
+        let entries = self
+            .entries
+            .iter()
+            .map(|(name, (role, kind, c))| {
+                let out = c.records_out.load(Ordering::Relaxed);
+                let busy = c.busy_ns.load(Ordering::Relaxed) as f64 / 1e9;
+                let m = EntryMetrics {
+                    role: role.clone(),
+                    kind: kind.clone(),
+                    records_in: c.records_in.load(Ordering::Relaxed),
+                    records_out: out,
+                    records_failed: c.records_failed.load(Ordering::Relaxed),
+                    batches: c.batches.load(Ordering::Relaxed),
+                    busy_seconds: busy,
+                    throughput_per_busy_second: if busy > 0.0 { out as f64 / busy } else { 0.0 },
+                    throughput_per_wall_second: if wall > 0.0 { out as f64 / wall } else { 0.0 },
+                };
+                (name.clone(), m)
+            })
+            .collect();
+        let mut outputs = self
+            .outputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        outputs.sort();
+        RunMetrics {
+            pipeline: pipeline.to_string(),
+            workers,
+            processes,
+            process,
+            wall_seconds: wall,
+            records_read: self.read.load(Ordering::Relaxed),
+            records_failed: self.failed(),
+            entries,
+            outputs,
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! The built-in stages, sources and sinks of latentflow.
+//!
+//! [`builtin`] returns a registry holding all of them; programs add their own kinds to it.
+
+pub mod io;
+pub mod npy;
+pub mod onnx;
+pub mod transform;
+
+use latentflow_engine::Registry;
+
+/// A registry with every built-in kind.
+pub fn builtin() -> Registry {
+    let mut r = Registry::new();
+    r.add_source(io::NpySource)
+        .add_source(io::SyntheticSource)
+        .add_source(io::JsonlSource)
+        .add_stage(onnx::OnnxStage)
+        .add_stage(transform::ScaleStage)
+        .add_stage(transform::CheckFiniteStage)
+        .add_stage(transform::ArgmaxStage)
+        .add_sink(io::JsonlSink)
+        .add_sink(io::NpySink)
+        .add_sink(io::ClassificationReport);
+    r
+}
