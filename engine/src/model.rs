@@ -179,7 +179,11 @@ pub enum ModelError {
     },
 
     /// The ONNX file named by the manifest does not exist or cannot be read.
-    #[error("model package {}: cannot read the model file {}: {source}", package.display(), file.display())]
+    #[error(
+        "model package {}: cannot read the model file {}: {source}",
+        package.display(),
+        file.display()
+    )]
     ModelFile {
         /// The package folder.
         package: PathBuf,
@@ -217,7 +221,11 @@ pub enum ModelError {
     },
 
     /// ONNX Runtime could not open the model.
-    #[error("model package {}: ONNX Runtime cannot open {}: {reason}", package.display(), file.display())]
+    #[error(
+        "model package {}: ONNX Runtime cannot open {}: {reason}",
+        package.display(),
+        file.display()
+    )]
     Session {
         /// The package folder.
         package: PathBuf,

@@ -152,11 +152,12 @@ fn locate() -> Result<PathBuf, RuntimeError> {
 fn locate_from(env_value: Option<OsString>, starts: &[PathBuf]) -> Result<PathBuf, RuntimeError> {
     if let Some(value) = env_value.filter(|v| !v.is_empty()) {
         let path = PathBuf::from(value);
-        return if path.is_file() {
-            Ok(path)
-        } else {
-            Err(RuntimeError::EnvPathMissing { path })
-        };
+        if !path.is_file() {
+            return Err(RuntimeError::EnvPathMissing { path });
+        }
+        // `ort` resolves a relative path against the executable's directory before the current
+        // one; make it absolute so the file checked here is the file loaded.
+        return Ok(std::path::absolute(&path).unwrap_or(path));
     }
 
     let mut searched = Vec::new();
@@ -208,6 +209,10 @@ mod tests {
         let cwd = env::current_dir().unwrap();
         let found = locate_from(None, std::slice::from_ref(&cwd)).unwrap();
         assert!(found.ends_with(LOCAL_DYLIB), "{}", found.display());
+        // A relative ORT_DYLIB_PATH is taken from the current directory and made absolute.
+        let relative = OsString::from(format!("../{LOCAL_DYLIB}"));
+        let given = locate_from(Some(relative), std::slice::from_ref(&cwd)).unwrap();
+        assert!(given.is_absolute() && given.is_file(), "{}", given.display());
         // An empty variable counts as unset.
         assert_eq!(locate_from(Some(OsString::new()), &[cwd]).unwrap(), found);
     }
