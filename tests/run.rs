@@ -25,7 +25,11 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn text(o: &Output) -> String {
-    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Reads a float32 or int64 `.npy` file written by numpy or by latentflow.
@@ -34,14 +38,26 @@ fn read_npy(path: &Path) -> (Vec<usize>, Vec<f64>) {
     assert_eq!(&bytes[..6], b"\x93NUMPY");
     let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
     let header = String::from_utf8_lossy(&bytes[10..10 + hlen]).to_string();
-    let shape_s = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
-    let shape: Vec<usize> =
-        shape_s.split(',').filter_map(|s| s.trim().parse().ok()).collect();
+    let shape_s = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let shape: Vec<usize> = shape_s
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
     let body = &bytes[10 + hlen..];
     let values = if header.contains("<f4") {
-        body.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+        body.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect()
     } else if header.contains("<i8") {
-        body.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+        body.chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect()
     } else {
         panic!("unexpected dtype in {header}")
     };
@@ -83,7 +99,10 @@ sinks:
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -91,7 +110,12 @@ fn onnx_outputs_match_onnxruntime_python() {
     let dir = scratch("ort");
     let file = digits_pipeline(&dir, "cpu");
     let out = dir.join("out");
-    let o = latentflow(&["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = latentflow(&[
+        "run",
+        file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
 
     // Reference computed now by ONNX Runtime's Python API on the same inputs.
@@ -101,7 +125,10 @@ fn onnx_outputs_match_onnxruntime_python() {
         .arg(root().join("scripts/ort_reference.py"))
         .arg(root().join("models/digits-mlp/model.onnx"))
         .arg(&refdir)
-        .arg(format!("pixels={}", root().join("data/digits/test-pixels.npy").display()))
+        .arg(format!(
+            "pixels={}",
+            root().join("data/digits/test-pixels.npy").display()
+        ))
         .output()
         .expect("the project's Python (scripts/setup.sh creates .venv)");
     assert!(r.status.success(), "{}", text(&r));
@@ -135,14 +162,31 @@ fn one_and_two_workers_write_identical_files() {
     let mut outs = Vec::new();
     for w in ["1", "2", "3"] {
         let out = dir.join(format!("out{w}"));
-        let o = latentflow(&["run", file.to_str().unwrap(), "-w", w, "--out", out.to_str().unwrap()]);
+        let o = latentflow(&[
+            "run",
+            file.to_str().unwrap(),
+            "-w",
+            w,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", text(&o));
         outs.push(out);
     }
-    for f in ["logits.npy", "probs.npy", "label.npy", "keys.txt", "records.jsonl"] {
+    for f in [
+        "logits.npy",
+        "probs.npy",
+        "label.npy",
+        "keys.txt",
+        "records.jsonl",
+    ] {
         let a = std::fs::read(outs[0].join(f)).unwrap();
         for o in &outs[1..] {
-            assert!(a == std::fs::read(o.join(f)).unwrap(), "{f} differs in {}", o.display());
+            assert!(
+                a == std::fs::read(o.join(f)).unwrap(),
+                "{f} differs in {}",
+                o.display()
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -173,7 +217,14 @@ sinks:
     let file = write_pipeline(&dir, "loop.yaml", yaml);
     for w in ["1", "2"] {
         let out = dir.join(format!("out{w}"));
-        let o = latentflow(&["run", file.to_str().unwrap(), "-w", w, "--out", out.to_str().unwrap()]);
+        let o = latentflow(&[
+            "run",
+            file.to_str().unwrap(),
+            "-w",
+            w,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", text(&o));
         let (_, x0) = read_npy(&out.join("x0.npy"));
         let (_, x) = read_npy(&out.join("x.npy"));
@@ -184,11 +235,16 @@ sinks:
             let rounds = (i % 5).min(3) as i32;
             for j in 0..3 {
                 let want = x0[i * 3 + j] * 0.5f64.powi(rounds);
-                assert!((x[i * 3 + j] - want).abs() < 1e-7, "record {i}: {} vs {want}", x[i * 3 + j]);
+                assert!(
+                    (x[i * 3 + j] - want).abs() < 1e-7,
+                    "record {i}: {} vs {want}",
+                    x[i * 3 + j]
+                );
             }
         }
         let m: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap())
+                .unwrap();
         // Rounds run = sum over records of min(i % 5, 3) = 10 * (0 + 1 + 2 + 3 + 3).
         assert_eq!(m["entries"]["halve"]["records_out"], 90);
         assert_eq!(m["entries"]["refine"]["records_out"], 50);
@@ -209,9 +265,25 @@ sinks:
 ";
     let file = write_pipeline(&dir, "nans.yaml", yaml);
     let out = dir.join("out");
-    let o = latentflow(&["run", file.to_str().unwrap(), "-w", "2", "--out", out.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(3), "exit code 3 means: finished, some records failed\n{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("4 failed"), "{}", text(&o));
+    let o = latentflow(&[
+        "run",
+        file.to_str().unwrap(),
+        "-w",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "exit code 3 means: finished, some records failed\n{}",
+        text(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("4 failed"),
+        "{}",
+        text(&o)
+    );
     let errors = std::fs::read_to_string(out.join("errors.jsonl")).unwrap();
     let mut keys: Vec<String> = errors
         .lines()
@@ -223,7 +295,15 @@ sinks:
         })
         .collect();
     keys.sort();
-    assert_eq!(keys, ["synthetic:00000009", "synthetic:00000019", "synthetic:00000029", "synthetic:00000039"]);
+    assert_eq!(
+        keys,
+        [
+            "synthetic:00000009",
+            "synthetic:00000019",
+            "synthetic:00000029",
+            "synthetic:00000039"
+        ]
+    );
     let ok = std::fs::read_to_string(out.join("ok.jsonl")).unwrap();
     assert_eq!(ok.lines().count(), 36);
     let _ = std::fs::remove_dir_all(&dir);
@@ -238,7 +318,10 @@ fn records_the_model_cannot_take_fail_alone() {
     for i in 0..6 {
         let n = if i == 2 { 65 } else { 64 };
         let v: Vec<String> = (0..n).map(|j| ((i + j) % 17).to_string()).collect();
-        lines.push_str(&format!("{{\"key\": \"r{i}\", \"pixels\": [{}]}}\n", v.join(",")));
+        lines.push_str(&format!(
+            "{{\"key\": \"r{i}\", \"pixels\": [{}]}}\n",
+            v.join(",")
+        ));
     }
     lines.push_str("{not json\n");
     std::fs::write(dir.join("in.jsonl"), lines).unwrap();
@@ -255,11 +338,19 @@ sinks:
     );
     let file = write_pipeline(&dir, "shapes.yaml", &yaml);
     let out = dir.join("out");
-    let o = latentflow(&["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = latentflow(&[
+        "run",
+        file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     let errors = std::fs::read_to_string(out.join("errors.jsonl")).unwrap();
     assert_eq!(errors.lines().count(), 2, "{errors}");
-    assert!(errors.contains("\"key\":\"r2\"") && errors.contains("[65]"), "{errors}");
+    assert!(
+        errors.contains("\"key\":\"r2\"") && errors.contains("[65]"),
+        "{errors}"
+    );
     assert!(errors.contains("line 7"), "{errors}");
     let ok = std::fs::read_to_string(out.join("records.jsonl")).unwrap();
     assert_eq!(ok.lines().count(), 5);
@@ -273,14 +364,24 @@ fn cuda_fails_loudly_and_auto_falls_back_with_a_reason() {
     }
     let dir = scratch("device");
     let file = digits_pipeline(&dir, "cuda");
-    let o = latentflow(&["run", file.to_str().unwrap(), "--out", dir.join("cuda").to_str().unwrap()]);
+    let o = latentflow(&[
+        "run",
+        file.to_str().unwrap(),
+        "--out",
+        dir.join("cuda").to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("CUDA"), "{err}");
     assert!(!dir.join("cuda/arrays").exists());
 
     let file = digits_pipeline(&dir, "auto");
-    let o = latentflow(&["run", file.to_str().unwrap(), "--out", dir.join("auto").to_str().unwrap()]);
+    let o = latentflow(&[
+        "run",
+        file.to_str().unwrap(),
+        "--out",
+        dir.join("auto").to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("WARN") && err.contains("using CPU"), "{err}");
@@ -292,7 +393,12 @@ fn two_processes_on_loopback_match_one_process() {
     let dir = scratch("cluster");
     let file = digits_pipeline(&dir, "cpu");
     let single = dir.join("single");
-    let o = latentflow(&["run", file.to_str().unwrap(), "--out", single.to_str().unwrap()]);
+    let o = latentflow(&[
+        "run",
+        file.to_str().unwrap(),
+        "--out",
+        single.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
 
     let port = {
@@ -300,12 +406,21 @@ fn two_processes_on_loopback_match_one_process() {
         l.local_addr().unwrap().port()
     };
     let hosts = dir.join("hosts.txt");
-    std::fs::write(&hosts, format!("127.0.0.1:{port}\n127.0.0.1:{}\n", port + 1)).unwrap();
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1:{port}\n127.0.0.1:{}\n", port + 1),
+    )
+    .unwrap();
     let multi = dir.join("multi");
     let children: Vec<_> = (0..2)
         .map(|p| {
             Command::new(env!("CARGO_BIN_EXE_latentflow"))
-                .args(["run", file.to_str().unwrap(), "--out", multi.to_str().unwrap()])
+                .args([
+                    "run",
+                    file.to_str().unwrap(),
+                    "--out",
+                    multi.to_str().unwrap(),
+                ])
                 .args(["--processes", "2", "--process", &p.to_string()])
                 .args(["--hostfile", hosts.to_str().unwrap()])
                 .env("RUST_LOG", "warn")
@@ -318,7 +433,13 @@ fn two_processes_on_loopback_match_one_process() {
         let status = c.wait().unwrap();
         assert!(status.success());
     }
-    for f in ["logits.npy", "probs.npy", "label.npy", "keys.txt", "records.jsonl"] {
+    for f in [
+        "logits.npy",
+        "probs.npy",
+        "label.npy",
+        "keys.txt",
+        "records.jsonl",
+    ] {
         assert!(
             std::fs::read(single.join(f)).unwrap() == std::fs::read(multi.join(f)).unwrap(),
             "{f} differs between one and two processes"
@@ -350,6 +471,9 @@ fn the_bundled_pipelines_validate_and_the_main_job_runs() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
     // The model package's README reports 0.9833 (354 of 360) for this split.
     assert_eq!(report["records"], 360);
-    assert!((report["accuracy"].as_f64().unwrap() - 354.0 / 360.0).abs() < 1e-9, "{report}");
+    assert!(
+        (report["accuracy"].as_f64().unwrap() - 354.0 / 360.0).abs() < 1e-9,
+        "{report}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -413,7 +413,7 @@ impl InferenceService {
             batchable: manifest
                 .inputs
                 .iter()
-                .all(|t| matches!(t.batch_axis(), Dim::Named(_))),
+                .all(|t| matches!(t.batch_axis(), Some(Dim::Named(_)))),
             max_batch: config.max_batch,
             max_delay: config.max_delay,
             counters: counters.clone(),
@@ -436,7 +436,10 @@ impl InferenceService {
             shared: Arc::new(Shared {
                 model,
                 device,
-                config: config.clone(),
+                config: ServiceConfig {
+                    device,
+                    ..config.clone()
+                },
                 inputs: manifest.inputs.clone(),
                 queue,
                 counters,
@@ -468,7 +471,8 @@ impl InferenceService {
         &self.shared.model
     }
 
-    /// The settings in effect (those of the `get` that started the service).
+    /// The settings in effect: those of the `get` that started the service, with the device
+    /// actually used.
     pub fn config(&self) -> &ServiceConfig {
         &self.shared.config
     }
@@ -628,7 +632,7 @@ impl Ticket {
     /// The reply if it has arrived, without blocking; `None` while the request is in flight.
     ///
     /// Once a reply has been returned, later calls return [`InferenceError::Taken`].
-    pub fn try_take(&mut self) -> Option<Reply> {
+    pub fn try_take(&mut self) -> Option<Result<Outputs, InferenceError>> {
         match std::mem::replace(&mut self.state, TicketState::Taken) {
             TicketState::Pending(receiver) => match receiver.try_recv() {
                 Ok(reply) => Some(reply),
@@ -648,7 +652,7 @@ impl Ticket {
     }
 
     /// Blocks until the reply arrives.
-    pub fn wait(self) -> Reply {
+    pub fn wait(self) -> Result<Outputs, InferenceError> {
         match self.state {
             TicketState::Pending(receiver) => receiver
                 .recv()

@@ -53,14 +53,15 @@ pub struct TensorSpec {
 }
 
 impl TensorSpec {
-    /// The batch axis (the first one).
-    pub fn batch_axis(&self) -> &Dim {
-        &self.shape[0]
+    /// The batch axis (the first one); `None` only for a shape of rank 0, which
+    /// [`ModelPackage::load`] refuses.
+    pub fn batch_axis(&self) -> Option<&Dim> {
+        self.shape.first()
     }
 
     /// The shape of one example: the manifest shape without its batch axis.
     pub fn example_shape(&self) -> &[Dim] {
-        &self.shape[1..]
+        self.shape.get(1..).unwrap_or_default()
     }
 
     /// The field type of one example of this tensor, as records carry it.
@@ -658,7 +659,7 @@ pub(crate) mod tests {
         assert_eq!(pkg.manifest().name, "digits-mlp");
         let pixels = pkg.input("pixels").unwrap();
         assert_eq!(pixels.example_shape(), &[Dim::Fixed(64)]);
-        assert_eq!(pixels.batch_axis(), &Dim::Named("batch".into()));
+        assert_eq!(pixels.batch_axis(), Some(&Dim::Named("batch".into())));
         assert_eq!(pixels.example_type().to_string(), "tensor<f32>[64]");
         assert_eq!(pkg.output("probs").unwrap().range, Some([0.0, 1.0]));
         assert!(pkg.output("nope").is_none());

@@ -1090,3 +1090,13 @@ pub fn describe_params(params: &[ParamSpec]) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+impl fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("name", &self.spec.name)
+            .field("file", &self.file)
+            .field("entries", &self.entry_names())
+            .finish()
+    }
+}

@@ -212,7 +212,11 @@ mod tests {
         // A relative ORT_DYLIB_PATH is taken from the current directory and made absolute.
         let relative = OsString::from(format!("../{LOCAL_DYLIB}"));
         let given = locate_from(Some(relative), std::slice::from_ref(&cwd)).unwrap();
-        assert!(given.is_absolute() && given.is_file(), "{}", given.display());
+        assert!(
+            given.is_absolute() && given.is_file(),
+            "{}",
+            given.display()
+        );
         // An empty variable counts as unset.
         assert_eq!(locate_from(Some(OsString::new()), &[cwd]).unwrap(), found);
     }

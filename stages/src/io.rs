@@ -887,8 +887,8 @@ pub fn classification_metrics(pairs: &[(i64, i64)]) -> Json {
     }
     let correct: u64 = (0..classes).map(|c| cm[c][c]).sum();
     let mut f1s = Vec::new();
-    for c in 0..classes {
-        let tp = cm[c][c] as f64;
+    for (c, row) in cm.iter().enumerate() {
+        let tp = row[c] as f64;
         let fp: f64 = (0..classes)
             .filter(|&r| r != c)
             .map(|r| cm[r][c] as f64)

@@ -47,6 +47,7 @@ impl Elem {
 }
 
 /// An open `.npy` file.
+#[derive(Debug)]
 pub struct NpyFile {
     path: PathBuf,
     file: File,
