@@ -56,6 +56,11 @@ use crate::model::{ModelError, ModelPackage, TensorSpec};
 use crate::runtime::{self, RuntimeError};
 use crate::value::{DType, Dim, Tensor};
 
+/// Whether this build can use the CUDA execution provider (the crate feature `cuda`).
+pub fn cuda_compiled() -> bool {
+    cfg!(feature = "cuda")
+}
+
 /// Where a model runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

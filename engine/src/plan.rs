@@ -226,6 +226,9 @@ struct Checker<'a> {
     base_dir: PathBuf,
     diags: Vec<Diagnostic>,
     check_models: bool,
+    /// Fields written by entries that had errors: their types are guesses, so type checks
+    /// downstream would only repeat the first error.
+    poisoned: HashSet<String>,
 }
 
 impl Checker<'_> {
@@ -357,7 +360,7 @@ impl Checker<'_> {
                         hint,
                     );
                 }
-                Some(ty) if !ty.satisfies(&r.ty) => {
+                Some(ty) if !ty.satisfies(&r.ty) && !self.poisoned.contains(&r.field) => {
                     self.report(
                         pos,
                         Some(entry),
@@ -408,6 +411,9 @@ impl Checker<'_> {
         match factory.plan(&params, schema) {
             Ok(plan) => {
                 self.check_reads(base, &spec.name, &plan, schema, input);
+                if self.diags.len() > n {
+                    self.poisoned.extend(plan.writes.keys().cloned());
+                }
                 if self.check_models && self.diags.len() == n {
                     if let Err(issues) = factory.check(&params) {
                         for i in issues {
@@ -778,6 +784,7 @@ pub fn plan_text(
         base_dir: base_dir.to_path_buf(),
         diags: Vec::new(),
         check_models: opts.check_models,
+        poisoned: HashSet::new(),
     };
     let root = Path::root();
 

@@ -134,7 +134,7 @@ fn start() -> Result<Runtime, RuntimeError> {
             reason: e.to_string(),
         })?;
 
-    tracing::info!(path = %path.display(), "ONNX Runtime loaded");
+    tracing::debug!(path = %path.display(), "ONNX Runtime loaded");
     Ok(Runtime { path, environment })
 }
 

@@ -157,6 +157,10 @@ impl StageFactory for OnnxStage {
     }
 
     fn check(&self, params: &Params) -> Result<(), Vec<PlanIssue>> {
+        if params.str("device") == Some("cuda") && !latentflow_engine::inference::cuda_compiled() {
+            return Err(vec![PlanIssue::param("device", "`device: cuda`, but this build has no CUDA support")
+                .hint("rebuild with `--features cuda` (see scripts/gpu-check.sh), or use `auto` to fall back to the CPU")]);
+        }
         let w = wiring(params)?;
         w.package.check().map_err(|e| {
             vec![PlanIssue::param("model", e.to_string())
