@@ -477,3 +477,52 @@ fn the_bundled_pipelines_validate_and_the_main_job_runs() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn memory_stays_flat_when_the_input_grows_tenfold() {
+    // 1 KiB per record: 200k records are 200 MiB of data, far more than the pipeline may hold
+    // (max_in_flight × epoch_size records). Peak memory must not grow with the input.
+    let dir = scratch("memory");
+    let mut peaks = Vec::new();
+    for count in [20_000, 200_000] {
+        let yaml = format!(
+            "name: big
+settings: {{epoch_size: 64, max_in_flight: 4}}
+sources:
+  - {{name: noise, kind: synthetic, params: {{count: {count}, shape: [256], int_field: k, int_max: 9}}}}
+stages:
+  - {{name: half, kind: scale, params: {{field: x, factor: 0.5}}}}
+sinks:
+  - {{name: out, kind: npy, params: {{fields: [k]}}}}
+"
+        );
+        let file = write_pipeline(&dir, &format!("big{count}.yaml"), &yaml);
+        let out = dir.join(format!("out{count}"));
+        let o = latentflow(&[
+            "run",
+            file.to_str().unwrap(),
+            "-w",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap())
+                .unwrap();
+        assert_eq!(m["records_read"], count);
+        peaks.push(m["peak_rss_mib"].as_f64().unwrap());
+    }
+    assert!(
+        peaks[1] < 100.0,
+        "peak {} MiB for 200 MiB of input",
+        peaks[1]
+    );
+    assert!(
+        peaks[1] < peaks[0] * 1.5 + 8.0,
+        "peak grew from {} to {} MiB",
+        peaks[0],
+        peaks[1]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

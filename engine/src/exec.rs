@@ -514,6 +514,7 @@ fn stage_operator<'s, T: Timestamp>(
         move |_cap, info| {
             let _ = activator.set(worker.sync_activator_for(info.address.to_vec()));
             let mut queue: VecDeque<(CapabilitySet<T>, Slot)> = VecDeque::new();
+            let mut active_since: Option<Instant> = None;
             move |input, output| {
                 input.for_each_stamp(|cap, data| {
                     let caps = cap.retain_stamp(0);
@@ -530,6 +531,7 @@ fn stage_operator<'s, T: Timestamp>(
                     };
                     counters.busy(start.elapsed());
                     queue.push_back((caps, slot));
+                    active_since.get_or_insert(start);
                 });
                 while let Some((_, slot)) = queue.front_mut() {
                     let outcomes = match slot {
@@ -552,6 +554,11 @@ fn stage_operator<'s, T: Timestamp>(
                                 state.fail(&f);
                             }
                         }
+                    }
+                }
+                if queue.is_empty() {
+                    if let Some(t) = active_since.take() {
+                        Counters::add(&counters.active_ns, t.elapsed().as_nanos() as u64);
                     }
                 }
             }

@@ -31,6 +31,9 @@ pub struct Counters {
     pub batches: AtomicU64,
     /// Time spent inside the entry's code, summed over workers, in nanoseconds.
     pub busy_ns: AtomicU64,
+    /// Time during which the entry had work in flight (including work handed to another
+    /// thread, such as an inference service), summed over workers, in nanoseconds.
+    pub active_ns: AtomicU64,
 }
 
 impl Counters {
@@ -61,10 +64,13 @@ pub struct EntryMetrics {
     pub records_failed: u64,
     /// Batches processed.
     pub batches: u64,
-    /// Seconds spent in the entry's code, summed over workers.
+    /// Seconds spent in the entry's code on worker threads, summed over workers.
     pub busy_seconds: f64,
-    /// Records out per busy second.
-    pub throughput_per_busy_second: f64,
+    /// Seconds during which the entry had work in flight (for model stages this includes the
+    /// time the model ran), summed over workers.
+    pub active_seconds: f64,
+    /// Records out per active second, per worker.
+    pub throughput_per_active_second: f64,
     /// Records out per second of the whole run.
     pub throughput_per_wall_second: f64,
 }
@@ -86,6 +92,8 @@ pub struct RunMetrics {
     pub records_read: u64,
     /// Records that failed anywhere.
     pub records_failed: u64,
+    /// Peak resident memory of this process, in MiB (Linux; 0 elsewhere).
+    pub peak_rss_mib: f64,
     /// Figures per entry, by name.
     pub entries: BTreeMap<String, EntryMetrics>,
     /// Files written by sinks.
@@ -237,6 +245,7 @@ impl RunState {
             .map(|(name, (role, kind, c))| {
                 let out = c.records_out.load(Ordering::Relaxed);
                 let busy = c.busy_ns.load(Ordering::Relaxed) as f64 / 1e9;
+                let active = (c.active_ns.load(Ordering::Relaxed) as f64 / 1e9).max(busy);
                 let m = EntryMetrics {
                     role: role.clone(),
                     kind: kind.clone(),
@@ -245,7 +254,12 @@ impl RunState {
                     records_failed: c.records_failed.load(Ordering::Relaxed),
                     batches: c.batches.load(Ordering::Relaxed),
                     busy_seconds: busy,
-                    throughput_per_busy_second: if busy > 0.0 { out as f64 / busy } else { 0.0 },
+                    active_seconds: active,
+                    throughput_per_active_second: if active > 0.0 {
+                        out as f64 / active
+                    } else {
+                        0.0
+                    },
                     throughput_per_wall_second: if wall > 0.0 { out as f64 / wall } else { 0.0 },
                 };
                 (name.clone(), m)
@@ -265,8 +279,21 @@ impl RunState {
             wall_seconds: wall,
             records_read: self.read.load(Ordering::Relaxed),
             records_failed: self.failed(),
+            peak_rss_mib: peak_rss_mib(),
             entries,
             outputs,
         }
     }
+}
+
+/// Peak resident set size of this process in MiB, from `/proc/self/status` (0 if unknown).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }
