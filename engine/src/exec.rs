@@ -39,8 +39,8 @@ use timely::progress::Timestamp;
 use timely::scheduling::SyncActivator;
 
 use crate::metrics::{Counters, RunMetrics, RunState};
-use crate::plan::{Node, Pipeline, SinkNode, StageNode};
-use crate::stage::{Completion, Outcome, PendingBatch, Sink, StageContext, Waker};
+use crate::plan::{Node, Pipeline, SinkNode, SourceNode, StageNode};
+use crate::stage::{Completion, Outcome, PendingBatch, Sink, Source, StageContext, Waker};
 use crate::value::{Record, Value};
 
 type Records<'s, T> = Stream<'s, T, Vec<Record>>;
@@ -194,13 +194,7 @@ pub fn run(pipeline: &Pipeline, opts: &RunOptions) -> Result<RunSummary, RunErro
     // Sources are opened once here to learn their sizes for the progress bar.
     let mut total = Some(0u64);
     for s in &pipeline.sources {
-        let src = s
-            .factory
-            .open(&s.params)
-            .map_err(|reason| RunError::Build {
-                entry: s.name.clone(),
-                reason,
-            })?;
+        let src = open_source(s)?;
         total = match (total, src.len()) {
             (Some(t), Some(n)) => Some(t + n),
             _ => None,
@@ -347,13 +341,7 @@ fn run_worker(
     // Build everything that can fail before the dataflow exists.
     let mut sources = Vec::new();
     for s in &pipeline.sources {
-        let src = s
-            .factory
-            .open(&s.params)
-            .map_err(|reason| RunError::Build {
-                entry: s.name.clone(),
-                reason,
-            })?;
+        let src = open_source(s)?;
         sources.push((s.name.clone(), src, state.counters(&s.name)));
     }
     let mut sinks: Vec<Rc<RefCell<SinkCell>>> = Vec::new();
@@ -465,6 +453,13 @@ fn run_worker(
         cell.borrow_mut().finish()?;
     }
     Ok(())
+}
+
+fn open_source(s: &SourceNode) -> Result<Box<dyn Source>, RunError> {
+    s.factory.open(&s.params).map_err(|reason| RunError::Build {
+        entry: s.name.clone(),
+        reason,
+    })
 }
 
 fn outcome_seq(o: &Outcome) -> u64 {

@@ -265,6 +265,38 @@ impl Checker<'_> {
         );
     }
 
+    /// Reports a `kind` that is not registered for `role`, pointing out when it is a kind of
+    /// another role (a sink listed under stages) or a likely typo.
+    fn unknown_kind(&mut self, base: &Path, entry: &str, role: &str, kind: &str) {
+        let pos = self.spans.value(&base.key("kind"));
+        let reg = self.registry;
+        let elsewhere = [
+            ("source", "sources", reg.source(kind).is_some()),
+            ("stage", "stages", reg.stage(kind).is_some()),
+            ("sink", "sinks", reg.sink(kind).is_some()),
+        ]
+        .into_iter()
+        .find(|(r, _, found)| *found && *r != role);
+        let hint = match elsewhere {
+            Some((r, list, _)) => Some(format!("`{kind}` is a {r}; list it under `{list}`")),
+            None => {
+                let infos = match role {
+                    "source" => reg.source_infos(),
+                    "sink" => reg.sink_infos(),
+                    _ => reg.stage_infos(),
+                };
+                did_you_mean(kind, infos.iter().map(|i| i.name))
+            }
+        };
+        self.report(
+            pos,
+            Some(entry),
+            None,
+            format!("unknown {role} kind `{kind}`"),
+            hint,
+        );
+    }
+
     /// Checks parameter names and types against the kind's declaration.
     fn check_params(
         &mut self,
@@ -387,22 +419,7 @@ impl Checker<'_> {
     ) -> Option<StageNode> {
         let kind = spec.kind.as_deref()?;
         let Some(factory) = self.registry.stage(kind).cloned() else {
-            let pos = self.spans.value(&base.key("kind"));
-            let hint = if self.registry.source(kind).is_some() {
-                Some(format!("`{kind}` is a source; list it under `sources`"))
-            } else if self.registry.sink(kind).is_some() {
-                Some(format!("`{kind}` is a sink; list it under `sinks`"))
-            } else {
-                let infos = self.registry.stage_infos();
-                did_you_mean(kind, infos.iter().map(|i| i.name))
-            };
-            self.report(
-                pos,
-                Some(&spec.name),
-                None,
-                format!("unknown stage kind `{kind}`"),
-                hint,
-            );
+            self.unknown_kind(base, &spec.name, "stage", kind);
             return None;
         };
         let info = factory.info();
@@ -871,20 +888,7 @@ pub fn plan_text(
     for (i, s) in spec.sources.iter().enumerate() {
         let base = root.key("sources").index(i);
         let Some(factory) = registry.source(&s.kind).cloned() else {
-            let pos = c.spans.value(&base.key("kind"));
-            let hint = if registry.stage(&s.kind).is_some() {
-                Some(format!("`{}` is a stage; list it under `stages`", s.kind))
-            } else {
-                let infos = registry.source_infos();
-                did_you_mean(&s.kind, infos.iter().map(|i| i.name))
-            };
-            c.report(
-                pos,
-                Some(&s.name),
-                None,
-                format!("unknown source kind `{}`", s.kind),
-                hint,
-            );
+            c.unknown_kind(&base, &s.name, "source", &s.kind);
             continue;
         };
         let info = factory.info();
@@ -997,20 +1001,7 @@ pub fn plan_text(
             },
         };
         let Some(factory) = registry.sink(&s.kind).cloned() else {
-            let pos = c.spans.value(&base.key("kind"));
-            let hint = if registry.stage(&s.kind).is_some() {
-                Some(format!("`{}` is a stage; list it under `stages`", s.kind))
-            } else {
-                let infos = registry.sink_infos();
-                did_you_mean(&s.kind, infos.iter().map(|i| i.name))
-            };
-            c.report(
-                pos,
-                Some(&s.name),
-                None,
-                format!("unknown sink kind `{}`", s.kind),
-                hint,
-            );
+            c.unknown_kind(&base, &s.name, "sink", &s.kind);
             continue;
         };
         let Some((_, schema)) = schemas.iter().find(|(n, _)| *n == input).cloned() else {
