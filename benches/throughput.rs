@@ -29,8 +29,8 @@ use latentflow_engine::inference::{Device, InferenceService, ServiceConfig, Serv
 use latentflow_engine::model::ModelPackage;
 use latentflow_engine::runtime;
 use latentflow_engine::{
-    KindInfo, Params, Pipeline, Plan, PlanIssue, PlanOptions, Record, Registry, RunOptions,
-    Schema, Sink, SinkFactory,
+    KindInfo, Params, Pipeline, Plan, PlanIssue, PlanOptions, Record, Registry, RunOptions, Schema,
+    Sink, SinkFactory, Tensor,
 };
 use ndarray::{s, Array4};
 use ort::session::builder::GraphOptimizationLevel;
@@ -68,7 +68,9 @@ impl Options {
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             let mut number = |name: &str| -> Result<usize> {
-                let value = args.next().ok_or_else(|| anyhow!("{name} needs a number"))?;
+                let value = args
+                    .next()
+                    .ok_or_else(|| anyhow!("{name} needs a number"))?;
                 match value.parse::<usize>() {
                     Ok(n) if n > 0 => Ok(n),
                     _ => bail!("{name} takes a whole number above 0, not `{value}`"),
@@ -127,13 +129,20 @@ fn ensure_model() -> Result<()> {
         );
     }
     let script = root().join("benches/make_model.py");
-    eprintln!("making the benchmark model: {} {}", python.display(), script.display());
+    eprintln!(
+        "making the benchmark model: {} {}",
+        python.display(),
+        script.display()
+    );
     let status = Command::new(&python)
         .arg(&script)
         .status()
         .with_context(|| format!("cannot start {}", python.display()))?;
     if !status.success() {
-        bail!("{} failed ({status}); see its output above", script.display());
+        bail!(
+            "{} failed ({status}); see its output above",
+            script.display()
+        );
     }
     Ok(())
 }
@@ -198,7 +207,6 @@ fn service_config(threads: usize) -> ServiceConfig {
 struct Bare {
     session: Session,
     batches: Vec<Array4<f32>>,
-    records: usize,
 }
 
 impl Bare {
@@ -224,11 +232,7 @@ impl Bare {
                 inputs.slice(s![start..end, .., .., ..]).to_owned()
             })
             .collect();
-        Ok(Bare {
-            session,
-            batches,
-            records: inputs.len_of(ndarray::Axis(0)),
-        })
+        Ok(Bare { session, batches })
     }
 
     /// Runs every batch once; returns the elapsed time.
@@ -246,6 +250,29 @@ impl Bare {
     }
 }
 
+/// The inference service fed the pre-stacked batches straight from this thread, all queued at
+/// once: what the service adds to a bare session (queueing, copying outputs back per request).
+fn service_pass(service: &InferenceService, batches: &[Array4<f32>]) -> Result<EngineRun> {
+    let requests: Vec<Vec<(String, Tensor)>> = batches
+        .iter()
+        .map(|b| vec![("x".to_string(), Tensor::f32(b.clone().into_dyn()))])
+        .collect();
+    let before = service.stats();
+    let start = Instant::now();
+    let tickets: Vec<_> = requests
+        .into_iter()
+        .map(|inputs| service.submit(inputs, Box::new(|| {})))
+        .collect();
+    for ticket in tickets {
+        ticket.wait()?;
+    }
+    let elapsed = start.elapsed();
+    Ok(EngineRun {
+        elapsed,
+        stats: difference(&before, &service.stats()),
+    })
+}
+
 /// An engine pipeline: npy source → onnx stage → count sink.
 struct Engine {
     name: &'static str,
@@ -261,30 +288,37 @@ struct EngineRun {
     stats: ServiceStats,
 }
 
+/// How an engine pipeline is laid out.
+struct Layout {
+    workers: usize,
+    epoch_size: usize,
+    max_in_flight: usize,
+    /// Whether the `onnx` stage is there (without it: source straight to sink).
+    model: bool,
+}
+
 impl Engine {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         name: &'static str,
         registry: &Registry,
         seen: &Arc<AtomicU64>,
         records: usize,
-        workers: usize,
-        epoch_size: usize,
-        max_in_flight: usize,
         threads: usize,
+        layout: Layout,
     ) -> Result<Engine> {
         let dir = model_dir();
-        let pipeline = PipelineBuilder::new(name)
+        let mut builder = PipelineBuilder::new(name)
             .settings(|s| {
-                s.epoch_size = epoch_size;
-                s.max_in_flight = max_in_flight;
+                s.epoch_size = layout.epoch_size;
+                s.max_in_flight = layout.max_in_flight;
             })
             .source(
                 "inputs",
                 "npy",
                 json!({"arrays": {"x": dir.join("inputs.npy")}, "limit": records}),
-            )
-            .stage(
+            );
+        if layout.model {
+            builder = builder.stage(
                 "model",
                 "onnx",
                 json!({
@@ -294,14 +328,16 @@ impl Engine {
                     "max_delay_ms": MAX_DELAY_MS as f64,
                     "threads": threads,
                 }),
-            )
+            );
+        }
+        let pipeline = builder
             .sink("count", "count", json!({}))
             .plan(registry, PlanOptions::default())
             .map_err(|d| anyhow!("cannot plan the `{name}` pipeline:\n{d}"))?;
         Ok(Engine {
             name,
             pipeline,
-            workers,
+            workers: layout.workers,
             seen: seen.clone(),
             records,
         })
@@ -436,9 +472,30 @@ fn bench() -> Result<()> {
     // Held for the whole run: the pipelines' stages share this service and its session.
     let service = InferenceService::get(&package, &service_config(t))?;
     let mut bare = Bare::new(&package.onnx_path(), &inputs, t)?;
-    let engine = Engine::new("engine", &registry, &seen, n, 1, BATCH, 8, t)?;
-    let single = Engine::new("single", &registry, &seen, n, 2, 1, SINGLE_IN_FLIGHT, t)?;
-    let batched = Engine::new("batched", &registry, &seen, n, 2, BATCH, 8, t)?;
+    let layout = |workers, epoch_size, max_in_flight, model| Layout {
+        workers,
+        epoch_size,
+        max_in_flight,
+        model,
+    };
+    let engine = Engine::new("engine", &registry, &seen, n, t, layout(1, BATCH, 8, true))?;
+    let single = Engine::new(
+        "single",
+        &registry,
+        &seen,
+        n,
+        t,
+        layout(2, 1, SINGLE_IN_FLIGHT, true),
+    )?;
+    let batched = Engine::new("batched", &registry, &seen, n, t, layout(2, BATCH, 8, true))?;
+    let no_model = Engine::new(
+        "no-model",
+        &registry,
+        &seen,
+        n,
+        t,
+        layout(1, BATCH, 8, false),
+    )?;
 
     println!(
         "latentflow throughput: model {} ({} records of f32[3, 32, 32]), device cpu, \
@@ -451,14 +508,17 @@ fn bench() -> Result<()> {
 
     // Warm-up: the allocator, the page cache, ONNX Runtime's kernels, timely's threads.
     bare.pass()?;
-    for e in [&engine, &single, &batched] {
+    for e in [&engine, &single, &batched, &no_model] {
         e.run(&service)?;
     }
+    service_pass(&service, &bare.batches)?;
 
     let mut a = Figures::new("a. bare ort loop, batches of 64");
     let mut b = Figures::new("b. engine, 1 worker, epoch 64");
     let mut c1 = Figures::new("c. engine, 2 workers, epoch 1 (single-record requests)");
     let mut c2 = Figures::new("c. engine, 2 workers, epoch 64 (pre-batched)");
+    let mut parts_service = Figures::new("service alone, fed the batches of a");
+    let mut parts_engine = Figures::new("engine without the model, 1 worker, epoch 64");
     for rep in 0..opts.reps {
         a.add(n, bare.pass()?, None);
         let r = engine.run(&service)?;
@@ -467,6 +527,10 @@ fn bench() -> Result<()> {
         c1.add(n, r.elapsed, Some(r.stats));
         let r = batched.run(&service)?;
         c2.add(n, r.elapsed, Some(r.stats));
+        let r = service_pass(&service, &bare.batches)?;
+        parts_service.add(n, r.elapsed, Some(r.stats));
+        let r = no_model.run(&service)?;
+        parts_engine.add(n, r.elapsed, None);
         eprintln!(
             "  repetition {}/{}: {:>7.0} {:>7.0} {:>7.0} {:>7.0} records/s",
             rep + 1,
@@ -485,7 +549,7 @@ fn bench() -> Result<()> {
         "{:<56} {:>10} {:>10} {:>10}",
         "variant", "best r/s", "median r/s", "mean batch"
     );
-    for f in [&a, &b, &c1, &c2] {
+    let row = |f: &Figures| {
         let batch = f
             .mean_batch()
             .map_or_else(|| "-".to_string(), |m| format!("{m:.1}"));
@@ -496,6 +560,13 @@ fn bench() -> Result<()> {
             f.median(),
             batch
         );
+    };
+    for f in [&a, &b, &c1, &c2] {
+        row(f);
+    }
+    println!("parts of b, for finding what limits it:");
+    for f in [&parts_service, &parts_engine] {
+        row(f);
     }
     println!();
     let verdict = |ratio: f64, goal: f64| if ratio >= goal { "met" } else { "MISSED" };
@@ -526,6 +597,10 @@ fn bench() -> Result<()> {
             "engine": b.json(),
             "single_record": c1.json(),
             "pre_batched": c2.json(),
+        },
+        "parts": {
+            "service_alone": parts_service.json(),
+            "engine_without_model": parts_engine.json(),
         },
         "ratios": {
             "engine_over_bare": {"best": ratio_engine, "median": b.median() / a.median(), "goal": 0.95},

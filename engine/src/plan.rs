@@ -18,7 +18,7 @@ use serde_json::Value as Json;
 
 use crate::spec::{LoopSpec, PipelineSpec, StageSpec};
 use crate::stage::{
-    KindInfo, ParamSpec, Params, Plan, PlanIssue, Registry, SinkFactory, SourceFactory,
+    KindInfo, ParamKind, ParamSpec, Params, Plan, PlanIssue, Registry, SinkFactory, SourceFactory,
     StageFactory,
 };
 use crate::value::{FieldType, Schema};
@@ -255,7 +255,11 @@ impl Checker<'_> {
         for k in &issue.at {
             p = p.key(k);
         }
-        let pos = self.spans.value(&p);
+        let pos = if issue.on_key {
+            self.spans.key(&p)
+        } else {
+            self.spans.value(&p)
+        };
         self.report(
             pos,
             Some(entry),
@@ -270,16 +274,21 @@ impl Checker<'_> {
     fn unknown_kind(&mut self, base: &Path, entry: &str, role: &str, kind: &str) {
         let pos = self.spans.value(&base.key("kind"));
         let reg = self.registry;
-        let elsewhere = [
+        let elsewhere: Vec<(&str, &str)> = [
             ("source", "sources", reg.source(kind).is_some()),
             ("stage", "stages", reg.stage(kind).is_some()),
             ("sink", "sinks", reg.sink(kind).is_some()),
         ]
         .into_iter()
-        .find(|(r, _, found)| *found && *r != role);
-        let hint = match elsewhere {
-            Some((r, list, _)) => Some(format!("`{kind}` is a {r}; list it under `{list}`")),
-            None => {
+        .filter(|(r, _, found)| *found && *r != role)
+        .map(|(r, list, _)| (r, list))
+        .collect();
+        let hint = match elsewhere.as_slice() {
+            [(r, list)] => Some(format!("`{kind}` is a {r}; list it under `{list}`")),
+            [(r1, l1), (r2, l2)] => Some(format!(
+                "`{kind}` is a {r1} and a {r2}; list it under `{l1}` or `{l2}`"
+            )),
+            _ => {
                 let infos = match role {
                     "source" => reg.source_infos(),
                     "sink" => reg.sink_infos(),
@@ -322,17 +331,22 @@ impl Checker<'_> {
                 }
                 Some(spec) if !v.is_null() && !spec.kind.accepts(v) => {
                     let pos = self.spans.value(&at);
+                    let (wanted, hint) = match (&spec.kind, v.as_str()) {
+                        (ParamKind::Choice(options), Some(_)) => {
+                            (format!("one of {}", options.join(", ")), None)
+                        }
+                        (kind, _) => (with_article(&kind.describe()), None),
+                    };
                     self.report(
                         pos,
                         Some(entry),
                         Some(k),
                         format!(
-                            "parameter `{k}` of `{}` must be a {}, found {}",
+                            "parameter `{k}` of `{}` must be {wanted}, found {}",
                             info.name,
-                            spec.kind.describe(),
-                            json_kind(v)
+                            describe_json(v)
                         ),
-                        Some(spec.doc.to_string()),
+                        hint.or_else(|| Some(spec.doc.to_string())),
                     );
                 }
                 Some(_) => {}
@@ -423,20 +437,30 @@ impl Checker<'_> {
             return None;
         };
         let info = factory.info();
-        let params = self.check_params(base, &spec.name, &info, &spec.params);
         let n = self.diags.len();
+        let params = self.check_params(base, &spec.name, &info, &spec.params);
+        if self.diags.len() > n {
+            return None;
+        }
         match factory.plan(&params, schema) {
             Ok(plan) => {
-                self.check_reads(base, &spec.name, &plan, schema, input);
-                if self.diags.len() > n {
-                    self.poisoned.extend(plan.writes.keys().cloned());
-                }
-                if self.check_models && self.diags.len() == n {
-                    if let Err(issues) = factory.check(&params) {
+                // A model that does not match its manifest makes every type derived from the
+                // manifest suspect: report the model and skip the field checks.
+                let model_issues = if self.check_models {
+                    factory.check(&params).err()
+                } else {
+                    None
+                };
+                match model_issues {
+                    Some(issues) => {
                         for i in issues {
                             self.issue(base, &spec.name, i);
                         }
                     }
+                    None => self.check_reads(base, &spec.name, &plan, schema, input),
+                }
+                if self.diags.len() > n {
+                    self.poisoned.extend(plan.writes.keys().cloned());
                 }
                 Some(StageNode {
                     name: spec.name.clone(),
@@ -624,6 +648,21 @@ impl Checker<'_> {
     }
 }
 
+fn with_article(noun: &str) -> String {
+    let vowel = noun.chars().next().is_some_and(|c| "aeiou".contains(c));
+    format!("{} {noun}", if vowel { "an" } else { "a" })
+}
+
+/// A JSON value as a message shows it: its kind, and short scalars themselves.
+fn describe_json(v: &Json) -> String {
+    match v {
+        Json::String(s) if s.chars().count() <= 40 => format!("the string `{s}`"),
+        Json::Number(n) => format!("{} `{n}`", json_kind(v)),
+        Json::Bool(b) => format!("`{b}`"),
+        _ => json_kind(v).to_string(),
+    }
+}
+
 fn json_kind(v: &Json) -> &'static str {
     match v {
         Json::Null => "null",
@@ -730,12 +769,19 @@ pub fn plan_text(
         }])
     };
     let (json, spans) = yaml::parse(text).map_err(|e| {
+        let hint = if let Some(key) = e.message.strip_prefix("duplicate key ") {
+            format!("remove one of the two {key} keys")
+        } else if e.message.contains("one YAML document") {
+            "remove the `---` line and everything after it, or move it to a file of its own".into()
+        } else {
+            "check indentation and brackets near this position".into()
+        };
         diag(
             e.pos,
             None,
             None,
             format!("invalid YAML: {}", e.message),
-            Some("check indentation and brackets near this position".into()),
+            Some(hint),
         )
     })?;
     if !json.is_object() {
@@ -777,6 +823,27 @@ pub fn plan_text(
                     "{} needs the key `{missing}`",
                     describe_parent(&path.key(missing))
                 ),
+                None,
+            )
+        } else if let Some(rest) = msg.strip_prefix("invalid type: ") {
+            // serde says "invalid type: string \"many\", expected usize".
+            let (found, expected) = rest
+                .split_once(", expected ")
+                .unwrap_or((rest, "another type"));
+            let expected = match expected {
+                "usize" | "u32" | "u64" => "a whole number",
+                "a string" | "a sequence" | "a map" => expected,
+                other => other,
+            };
+            let field = match path.0.last() {
+                Some(crate::yaml::Seg::Key(k)) => Some(k.clone()),
+                _ => None,
+            };
+            diag(
+                spans.value(&path),
+                entry,
+                field,
+                format!("`{path}` must be {expected}, found {found}"),
                 None,
             )
         } else {
@@ -945,8 +1012,10 @@ pub fn plan_text(
         let Some((_, schema)) = schemas.iter().find(|(n, _)| *n == input).cloned() else {
             if !defined[..defined.len() - 1].contains(&input) {
                 let pos = c.spans.value(&base.key("input"));
-                let later = spec.stages.iter().skip(i).any(|x| x.name == input);
-                let hint = if later {
+                let later = spec.stages.iter().skip(i + 1).any(|x| x.name == input);
+                let hint = if input == s.name {
+                    Some("a stage cannot read its own output; name the entry before it".into())
+                } else if later {
                     Some(format!("`{input}` comes later in the file; entries read only from entries listed before them"))
                 } else {
                     did_you_mean(&input, defined.iter().map(|s| s.as_str()))
@@ -1004,6 +1073,10 @@ pub fn plan_text(
             c.unknown_kind(&base, &s.name, "sink", &s.kind);
             continue;
         };
+        // Parameters are checked even when the input is broken, so every problem shows.
+        let info = factory.info();
+        let n = c.diags.len();
+        let params = c.check_params(&base, &s.name, &info, &s.params);
         let Some((_, schema)) = schemas.iter().find(|(n, _)| *n == input).cloned() else {
             if !defined.contains(&input) {
                 let pos = c.spans.value(&base.key("input"));
@@ -1018,9 +1091,6 @@ pub fn plan_text(
             }
             continue;
         };
-        let info = factory.info();
-        let n = c.diags.len();
-        let params = c.check_params(&base, &s.name, &info, &s.params);
         if c.diags.len() > n {
             continue;
         }

@@ -11,7 +11,7 @@
 //! sources:
 //!   - name: digits
 //!     kind: npy
-//!     params: {path: ../data/digits/test-pixels.npy, field: pixels}
+//!     params: {arrays: {pixels: ../data/digits/test-pixels.npy}}
 //! stages:
 //!   - name: mlp
 //!     kind: onnx

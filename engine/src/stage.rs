@@ -265,6 +265,8 @@ pub struct PlanIssue {
     pub message: String,
     /// What to do about it.
     pub hint: Option<String>,
+    /// Point at the key that `at` ends with rather than at its value (for a misspelt name).
+    pub on_key: bool,
 }
 
 impl PlanIssue {
@@ -275,7 +277,14 @@ impl PlanIssue {
             field: None,
             message: message.into(),
             hint: None,
+            on_key: false,
         }
+    }
+
+    /// Points at the key itself (for a misspelt name) rather than at its value.
+    pub fn on_key(mut self) -> Self {
+        self.on_key = true;
+        self
     }
 
     /// Adds a hint.

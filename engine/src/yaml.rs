@@ -203,9 +203,21 @@ impl Builder {
             self.fail(at, format!("duplicate key `{key}`"));
         }
         if let Some(Frame::Map {
-            path, pending_key, ..
+            path,
+            pending_key,
+            map,
+            ..
         }) = self.stack.last_mut()
         {
+            // A block mapping's start event is marked at the `:` after its first key; the
+            // mapping really starts at that key.
+            if map.is_empty() {
+                if let Some(start) = self.spans.values.get_mut(path) {
+                    if (at.line, at.col) < (start.line, start.col) {
+                        *start = at;
+                    }
+                }
+            }
             self.spans.keys.insert(path.key(&key), at);
             *pending_key = Some((key, at));
         }
@@ -369,6 +381,12 @@ mod tests {
         let (json, spans) = parse(text).unwrap();
         assert_eq!(json["stages"][0]["params"]["k"], 3);
         let p = Path::root().key("stages").index(0).key("params").key("k");
+        // Block mappings start at their first key.
+        assert_eq!(
+            spans.value(&Path::root().key("stages").index(0)),
+            Pos { line: 3, col: 5 }
+        );
+        assert_eq!(spans.value(&Path::root()), Pos { line: 1, col: 1 });
         assert_eq!(spans.value(&p), Pos { line: 5, col: 10 });
         assert_eq!(spans.key(&p), Pos { line: 5, col: 7 });
         assert_eq!(

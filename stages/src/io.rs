@@ -78,7 +78,13 @@ fn open_arrays(params: &Params) -> Result<NpyArrays, Vec<PlanIssue>> {
     if !issues.is_empty() {
         return Err(issues);
     }
-    let limit = params.int("limit").map(|l| l.max(0) as usize);
+    if params.int("limit").is_some_and(|l| l < 0) {
+        return Err(vec![PlanIssue::param(
+            "limit",
+            "`limit` must not be negative",
+        )]);
+    }
+    let limit = params.int("limit").map(|l| l as usize);
     let rows = rows.map(|r| r.0).unwrap_or(0);
     let stem = files
         .first()

@@ -52,7 +52,8 @@ fn wiring(params: &Params) -> Result<Wiring, Vec<PlanIssue>> {
         if !in_names.contains(&k.as_str()) {
             let mut i =
                 PlanIssue::param("inputs", format!("model `{}` has no input `{k}`", m.name))
-                    .at_key(k);
+                    .at_key(k)
+                    .on_key();
             i.hint = Some(match nearest(k, in_names.iter().copied()) {
                 Some(n) => format!("did you mean `{n}`? inputs: {}", in_names.join(", ")),
                 None => format!("the model's inputs are: {}", in_names.join(", ")),
@@ -64,7 +65,8 @@ fn wiring(params: &Params) -> Result<Wiring, Vec<PlanIssue>> {
         if !out_names.contains(&k.as_str()) {
             let mut i =
                 PlanIssue::param("outputs", format!("model `{}` has no output `{k}`", m.name))
-                    .at_key(k);
+                    .at_key(k)
+                    .on_key();
             i.hint = Some(match nearest(k, out_names.iter().copied()) {
                 Some(n) => format!("did you mean `{n}`? outputs: {}", out_names.join(", ")),
                 None => format!("the model's outputs are: {}", out_names.join(", ")),
@@ -134,6 +136,28 @@ impl StageFactory for OnnxStage {
     }
 
     fn plan(&self, params: &Params, _input: &Schema) -> Result<Plan, Vec<PlanIssue>> {
+        let mut bounds = Vec::new();
+        if params.int("max_batch").is_some_and(|b| b < 1) {
+            bounds.push(PlanIssue::param(
+                "max_batch",
+                "`max_batch` must be at least 1",
+            ));
+        }
+        if params.int("threads").is_some_and(|t| t < 1) {
+            bounds.push(PlanIssue::param(
+                "threads",
+                "`threads` must be at least 1 (or left out)",
+            ));
+        }
+        if params.float("max_delay_ms").is_some_and(|d| d < 0.0) {
+            bounds.push(PlanIssue::param(
+                "max_delay_ms",
+                "`max_delay_ms` must not be negative",
+            ));
+        }
+        if !bounds.is_empty() {
+            return Err(bounds);
+        }
         let w = wiring(params)?;
         let m = w.package.manifest();
         let mut plan = Plan::default();
