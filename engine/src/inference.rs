@@ -272,6 +272,8 @@ struct Shared {
     device: Device,
     config: ServiceConfig,
     inputs: Vec<TensorSpec>,
+    /// Whether requests are stacked along the first axis (see [`crate::model::Manifest::batch`]).
+    batched: bool,
     queue: Sender<Request>,
     counters: Arc<Counters>,
 }
@@ -415,10 +417,12 @@ impl InferenceService {
                 .map(|t| (t.name.clone(), t.dtype))
                 .collect(),
             // A fixed batch axis means the graph takes exactly that many rows per run.
-            batchable: manifest
-                .inputs
-                .iter()
-                .all(|t| matches!(t.batch_axis(), Some(Dim::Named(_)))),
+            batchable: manifest.batch
+                && manifest
+                    .inputs
+                    .iter()
+                    .all(|t| matches!(t.batch_axis(), Some(Dim::Named(_)))),
+            batched: manifest.batch,
             max_batch: config.max_batch,
             max_delay: config.max_delay,
             counters: counters.clone(),
@@ -446,6 +450,7 @@ impl InferenceService {
                     ..config.clone()
                 },
                 inputs: manifest.inputs.clone(),
+                batched: manifest.batch,
                 queue,
                 counters,
             }),
@@ -602,6 +607,12 @@ impl InferenceService {
                     tensor.dtype(),
                     shape
                 )));
+            }
+            if !self.shared.batched {
+                // One whole structure per request: no axis is shared between inputs.
+                rows = Some(1);
+                ordered.push(tensor);
+                continue;
             }
             match rows {
                 None => rows = Some(shape[0]),
@@ -770,6 +781,8 @@ struct Worker {
     input_names: Vec<String>,
     outputs: Vec<(String, DType)>,
     batchable: bool,
+    /// Outputs are split along their first axis; unbatched models answer one request whole.
+    batched: bool,
     max_batch: usize,
     max_delay: Duration,
     counters: Arc<Counters>,
@@ -899,6 +912,14 @@ impl Worker {
                 .ok_or_else(|| run_error(format!("the session returned no output `{name}`")))?;
             let extract_error = |e: ort::Error| run_error(format!("output `{name}`: {e}"));
             match dtype {
+                DType::F32 if !self.batched => {
+                    let view = value.try_extract_array::<f32>().map_err(extract_error)?;
+                    replies[0].push((name.clone(), Tensor::f32(view.to_owned())));
+                }
+                DType::I64 if !self.batched => {
+                    let view = value.try_extract_array::<i64>().map_err(extract_error)?;
+                    replies[0].push((name.clone(), Tensor::i64(view.to_owned())));
+                }
                 DType::F32 => {
                     let view = value.try_extract_array::<f32>().map_err(extract_error)?;
                     split(view, batch, rows, name, Tensor::f32, &mut replies).map_err(run_error)?

@@ -52,6 +52,29 @@ pub struct TensorSpec {
     pub range: Option<[f64; 2]>,
 }
 
+fn batched_default() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+impl Manifest {
+    /// The field type records carry for this tensor: one example (without the batch axis) for
+    /// batched models, the whole tensor otherwise.
+    pub fn field_type(&self, t: &TensorSpec) -> FieldType {
+        if self.batch {
+            t.example_type()
+        } else {
+            FieldType::Tensor {
+                dtype: t.dtype,
+                shape: Shape(Some(t.shape.clone())),
+            }
+        }
+    }
+}
+
 impl TensorSpec {
     /// The batch axis (the first one); `None` only for a shape of rank 0, which
     /// [`ModelPackage::load`] refuses.
@@ -105,6 +128,12 @@ pub struct Manifest {
     pub inputs: Vec<TensorSpec>,
     /// The model's outputs.
     pub outputs: Vec<TensorSpec>,
+    /// Whether the first axis of every input and output is a batch axis along which requests
+    /// may be stacked (the default). Models that take one whole structure per call — a graph
+    /// as node features `[nodes, F]` and `edge_index` `[2, edges]` — set this to `false`:
+    /// each record then carries the complete input tensors and each request runs alone.
+    #[serde(default = "batched_default", skip_serializing_if = "is_true")]
+    pub batch: bool,
     /// Further keys not (yet) part of the schema, such as a generator's latent size.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub extra: serde_json::Map<String, serde_json::Value>,

@@ -6,7 +6,8 @@ Run from anywhere:  .venv/bin/python models/digits-mlp/make.py
 Writes (paths relative to the repository root):
   models/digits-mlp/model.onnx          64 -> 32 (ReLU) -> 10 MLP, opset 17, IR 9
   models/digits-mlp/manifest.json       tensor names, dtypes, shapes, sha256
-  models/digits-mlp/reference/*.npy     ONNX Runtime (CPU) outputs on the test pixels
+  models/digits-mlp/reference/          the first 32 test pixels (inputs/pixels.npy) and
+                                        ONNX Runtime's (CPU) outputs on them (outputs/*.npy)
   data/digits/test-pixels.npy           float32 [360, 64], raw 0..16 pixel values
   data/digits/test-labels.npy           int64 [360]
 
@@ -37,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 DATA = ROOT / "data" / "digits"
 REF = HERE / "reference"
+N_REF = 32  # reference rows kept with the package (tests/models.rs)
 
 SEED = 20240601
 N_TEST = 360
@@ -212,8 +214,9 @@ def main():
 
     save_npy(DATA / "test-pixels.npy", x_te.astype(np.float32))
     save_npy(DATA / "test-labels.npy", y_te.astype(np.int64))
-    save_npy(REF / "logits.npy", ort_logits)
-    save_npy(REF / "probs.npy", ort_probs)
+    save_npy(REF / "inputs" / "pixels.npy", x_te[:N_REF].astype(np.float32))
+    save_npy(REF / "outputs" / "logits.npy", ort_logits[:N_REF])
+    save_npy(REF / "outputs" / "probs.npy", ort_probs[:N_REF])
 
     manifest = {
         "name": "digits-mlp",

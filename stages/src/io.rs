@@ -36,6 +36,8 @@ struct NpyArrays {
     files: Vec<(String, PathBuf, FieldType)>,
     rows: usize,
     stem: String,
+    /// One record holding every file whole, instead of one record per row.
+    whole: bool,
 }
 
 fn open_arrays(params: &Params) -> Result<NpyArrays, Vec<PlanIssue>> {
@@ -43,6 +45,7 @@ fn open_arrays(params: &Params) -> Result<NpyArrays, Vec<PlanIssue>> {
     let mut issues = Vec::new();
     let mut rows: Option<(usize, String)> = None;
     let arrays = params.name_map("arrays");
+    let whole = params.bool("whole").unwrap_or(false);
     if arrays.is_empty() {
         issues.push(PlanIssue::param(
             "arrays",
@@ -54,11 +57,13 @@ fn open_arrays(params: &Params) -> Result<NpyArrays, Vec<PlanIssue>> {
         match NpyFile::open(&path) {
             Ok(f) => {
                 let ty = match (f.row_shape().is_empty(), f.elem.dtype()) {
+                    _ if whole => tensor_type(f.elem.dtype(), &f.shape),
                     (true, DType::I64) => FieldType::Int,
                     (true, DType::F32) => FieldType::Scalar,
                     (false, d) => tensor_type(d, f.row_shape()),
                 };
                 match &rows {
+                    _ if whole => {}
                     Some((n, first)) if *n != f.rows() => issues.push(
                         PlanIssue::param(
                             "arrays",
@@ -85,7 +90,11 @@ fn open_arrays(params: &Params) -> Result<NpyArrays, Vec<PlanIssue>> {
         )]);
     }
     let limit = params.int("limit").map(|l| l as usize);
-    let rows = rows.map(|r| r.0).unwrap_or(0);
+    let rows = if whole {
+        1
+    } else {
+        rows.map(|r| r.0).unwrap_or(0)
+    };
     let stem = files
         .first()
         .and_then(|f| f.1.file_stem())
@@ -95,6 +104,7 @@ fn open_arrays(params: &Params) -> Result<NpyArrays, Vec<PlanIssue>> {
         files,
         rows: limit.map_or(rows, |l| l.min(rows)),
         stem,
+        whole,
     })
 }
 
@@ -115,6 +125,12 @@ impl SourceFactory for NpySource {
                     ParamKind::Int,
                     Json::Null,
                     "read at most this many rows",
+                ),
+                ParamSpec::optional(
+                    "whole",
+                    ParamKind::Bool,
+                    json!(false),
+                    "one record holding each file whole (e.g. a graph's features and edges)",
                 ),
             ],
         }
@@ -168,7 +184,12 @@ impl Source for NpyArrays {
                     FieldType::Int => DType::I64,
                     _ => DType::F32,
                 };
-                let t = file.read_row(row, want).map_err(|e| Failure {
+                let t = if self.whole {
+                    file.read_all(want)
+                } else {
+                    file.read_row(row, want)
+                };
+                let t = t.map_err(|e| Failure {
                     key: key.as_str().into(),
                     seq: row as u64,
                     stage: "npy".into(),

@@ -223,14 +223,22 @@ impl NpyFile {
         })
     }
 
-    /// Reads the whole array as f32.
-    pub fn read_all_f32(&mut self) -> Result<ArrayD<f32>, String> {
-        let mut data = Vec::new();
-        for r in 0..self.rows() {
-            let t = self.read_row(r, DType::F32)?;
-            data.extend(t.as_f32().expect("f32").iter().copied());
+    /// Reads the whole array as one tensor of the wanted element type.
+    pub fn read_all(&mut self, want: DType) -> Result<Tensor, String> {
+        let rows = self.rows();
+        let mut f = Vec::new();
+        let mut i = Vec::new();
+        for r in 0..rows {
+            match self.read_row(r, want)? {
+                Tensor::F32(a) => f.extend(a.iter().copied()),
+                Tensor::I64(a) => i.extend(a.iter().copied()),
+            }
         }
-        ArrayD::from_shape_vec(IxDyn(&self.shape), data).map_err(|e| e.to_string())
+        let shape = IxDyn(&self.shape);
+        Ok(match want {
+            DType::F32 => Tensor::f32(ArrayD::from_shape_vec(shape, f).map_err(|e| e.to_string())?),
+            DType::I64 => Tensor::i64(ArrayD::from_shape_vec(shape, i).map_err(|e| e.to_string())?),
+        })
     }
 }
 

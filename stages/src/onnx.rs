@@ -167,7 +167,7 @@ impl StageFactory for OnnxStage {
                 .iter()
                 .find(|t| &t.name == name)
                 .expect("wired input exists");
-            plan = plan.read(field, spec.example_type(), &["inputs", name]);
+            plan = plan.read(field, m.field_type(spec), &["inputs", name]);
         }
         for (name, field) in &w.outputs {
             let spec = m
@@ -175,7 +175,7 @@ impl StageFactory for OnnxStage {
                 .iter()
                 .find(|t| &t.name == name)
                 .expect("wired output exists");
-            plan = plan.write(field, spec.example_type());
+            plan = plan.write(field, m.field_type(spec));
         }
         Ok(plan)
     }
@@ -206,13 +206,7 @@ impl StageFactory for OnnxStage {
         let input_types = w
             .inputs
             .iter()
-            .map(|(n, _)| {
-                m.inputs
-                    .iter()
-                    .find(|t| &t.name == n)
-                    .expect("input")
-                    .example_type()
-            })
+            .map(|(n, _)| m.field_type(m.inputs.iter().find(|t| &t.name == n).expect("input")))
             .collect();
         Ok(Box::new(OnnxRunner {
             wiring: Arc::new(w),
@@ -282,10 +276,17 @@ fn split_outputs(
         }
     };
     let mut records = records;
+    let batched = wiring.package.manifest().batch;
     for (name, field) in &wiring.outputs {
         let Some((_, t)) = outputs.iter().find(|(n, _)| n == name) else {
             continue;
         };
+        if !batched {
+            if let Some(r) = records.first_mut() {
+                r.set(field, Value::Tensor(t.clone()));
+            }
+            continue;
+        }
         match t {
             Tensor::F32(a) => {
                 for (r, row) in records.iter_mut().zip(a.axis_iter(Axis(0))) {
@@ -327,7 +328,12 @@ impl Stage for OnnxRunner {
         }
         let mut chunks = Vec::new();
         while !good.is_empty() {
-            let rest = good.split_off(good.len().min(self.max_batch));
+            let chunk_size = if self.wiring.package.manifest().batch {
+                self.max_batch
+            } else {
+                1
+            };
+            let rest = good.split_off(good.len().min(chunk_size));
             let chunk = std::mem::replace(&mut good, rest);
             let mut inputs = Vec::with_capacity(self.wiring.inputs.len());
             for (name, field) in &self.wiring.inputs {
@@ -335,6 +341,11 @@ impl Stage for OnnxRunner {
                     .iter()
                     .map(|r| r.get(field).and_then(Value::as_tensor).expect("checked"))
                     .collect();
+                if !self.wiring.package.manifest().batch {
+                    // One record is one whole call.
+                    inputs.push((name.clone(), tensors[0].clone()));
+                    continue;
+                }
                 let stacked = match tensors[0] {
                     Tensor::F32(_) => {
                         let arrays: Vec<_> =
