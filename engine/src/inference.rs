@@ -1092,7 +1092,7 @@ mod tests {
     }
 
     fn pixels() -> Array2<f32> {
-        read(digits_dir().join("../../data/digits/test-pixels.npy"))
+        read(digits_dir().join("reference/inputs/pixels.npy"))
     }
 
     fn f32_output(outputs: &Outputs, name: &str) -> Array2<f32> {
@@ -1153,12 +1153,12 @@ mod tests {
         let reference = digits_dir().join("reference");
         assert_close(
             &f32_output(&outputs, "logits"),
-            &read(reference.join("logits.npy")),
+            &read(reference.join("outputs/logits.npy")),
             "logits",
         );
         assert_close(
             &f32_output(&outputs, "probs"),
-            &read(reference.join("probs.npy")),
+            &read(reference.join("outputs/probs.npy")),
             "probs",
         );
 
@@ -1191,7 +1191,7 @@ mod tests {
         let package = private_digits();
         let service = InferenceService::get(&package, &cpu(32, 20)).unwrap();
         let x = pixels();
-        let want = read(digits_dir().join("reference/probs.npy"));
+        let want = read(digits_dir().join("reference/outputs/probs.npy"));
         let woken = Arc::new(AtomicUsize::new(0));
 
         let threads: Vec<_> = (0..4)
@@ -1241,7 +1241,7 @@ mod tests {
     fn a_request_larger_than_max_batch_runs_whole_and_alone() {
         let package = private_digits();
         let service = InferenceService::get(&package, &cpu(16, 1)).unwrap();
-        let x = pixels().slice(s![..40, ..]).to_owned();
+        let x = pixels().slice(s![..24, ..]).to_owned();
         let mut ticket = service.submit(
             vec![("pixels".into(), Tensor::f32(x.into_dyn()))],
             Box::new(|| {}),
@@ -1252,13 +1252,13 @@ mod tests {
                 None => thread::sleep(Duration::from_millis(1)),
             }
         };
-        assert_eq!(f32_output(&outputs, "logits").nrows(), 40);
+        assert_eq!(f32_output(&outputs, "logits").nrows(), 24);
         assert!(matches!(
             ticket.try_take(),
             Some(Err(InferenceError::Taken { .. }))
         ));
         let stats = service.stats();
-        assert_eq!((stats.batches, stats.largest_batch), (1, 40), "{stats:?}");
+        assert_eq!((stats.batches, stats.largest_batch), (1, 24), "{stats:?}");
     }
 
     #[test]
