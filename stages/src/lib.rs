@@ -2,6 +2,7 @@
 //!
 //! [`builtin`] returns a registry holding all of them; programs add their own kinds to it.
 
+pub mod image;
 pub mod io;
 pub mod npy;
 pub mod onnx;
@@ -15,12 +16,15 @@ pub fn builtin() -> Registry {
     r.add_source(io::NpySource)
         .add_source(io::SyntheticSource)
         .add_source(io::JsonlSource)
+        .add_source(image::ImageFolder)
         .add_stage(onnx::OnnxStage)
         .add_stage(transform::ScaleStage)
         .add_stage(transform::CheckFiniteStage)
         .add_stage(transform::ArgmaxStage)
         .add_sink(io::JsonlSink)
         .add_sink(io::NpySink)
-        .add_sink(io::ClassificationReport);
+        .add_sink(io::ClassificationReport)
+        .add_sink(image::PngSink)
+        .add_sink(image::GridSink);
     r
 }
