@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use latentflow_engine::grad;
 use latentflow_engine::model::ModelPackage;
 use latentflow_engine::plan::describe_params;
 use latentflow_engine::{plan_file, run, PlanOptions, Registry, RunOptions};
@@ -74,6 +75,25 @@ enum ModelsAction {
         /// Package folders.
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
+    },
+    /// Build the vector-Jacobian-product (gradient) model of a package or an ONNX file.
+    ///
+    /// The VJP model takes the model's inputs plus `grad_in__<output>`, a cotangent shaped like
+    /// the output, and returns the output and `grad__<x>` for each tensor differentiated
+    /// against. It is cached in `.grad/` beside the model unless `--out` is given.
+    Grad {
+        /// A package folder or an ONNX file.
+        model: PathBuf,
+        /// The output to differentiate (default: the model's first output).
+        #[arg(long)]
+        output: Option<String>,
+        /// Inputs or initializers (weights) to differentiate with respect to (default: every
+        /// float input). Repeat the flag or separate names with commas.
+        #[arg(long, num_args = 1..)]
+        wrt: Vec<String>,
+        /// Write the VJP model to this file instead of the cache.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -237,6 +257,33 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Models {
+            action:
+                Some(ModelsAction::Grad {
+                    model,
+                    output,
+                    wrt,
+                    out,
+                }),
+            ..
+        } => {
+            let vjp = grad::write_vjp_model(&model, output.as_deref(), &wrt, out.as_deref())?;
+            let verb = if vjp.built { "wrote" } else { "found current" };
+            println!("{verb} {}", vjp.path.display());
+            let wrt: Vec<String> = vjp.wrt.iter().map(|w| format!("`{w}`")).collect();
+            println!(
+                "  gradient of `{}` with respect to {}",
+                vjp.output,
+                wrt.join(", ")
+            );
+            for t in &vjp.inputs {
+                println!("  in   {t}");
+            }
+            for t in &vjp.outputs {
+                println!("  out  {t}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

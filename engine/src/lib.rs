@@ -11,6 +11,7 @@
 
 pub mod build;
 pub mod exec;
+pub mod grad;
 pub mod inference;
 pub mod metrics;
 pub mod model;
