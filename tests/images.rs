@@ -36,7 +36,12 @@ sinks:
     );
     let file = write_pipeline(&dir, "images.yaml", &yaml);
     let out = dir.join("out");
-    let o = latentflow(&["run", file.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = latentflow(&[
+        "run",
+        file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(3), "one record fails\n{}", text(&o));
     let errors = std::fs::read_to_string(out.join("errors.jsonl")).unwrap();
     assert_eq!(errors.lines().count(), 1, "{errors}");
@@ -49,7 +54,10 @@ sinks:
         for ch in 0..3 {
             let v = values[i * 192 + ch * 64 + 27];
             let want = -1.0 + 2.0 * c[ch] as f64 / 255.0;
-            assert!((v - want).abs() < 1e-6, "image {i} channel {ch}: {v} vs {want}");
+            assert!(
+                (v - want).abs() < 1e-6,
+                "image {i} channel {ch}: {v} vs {want}"
+            );
         }
     }
     // And back to the same 8-bit colours.
@@ -63,7 +71,10 @@ sinks:
     // The contact sheet: 3 rows, 2 columns of 16x16 tiles with 2-pixel gutters.
     let sheet = image::open(out.join("grid.png")).unwrap().to_rgb8();
     assert_eq!(sheet.dimensions(), (2 * 18 + 2, 3 * 18 + 2));
-    assert_eq!(sheet.get_pixel(2 + 18 + 5, 2 + 2 * 18 + 5), &Rgb(colours[2]));
+    assert_eq!(
+        sheet.get_pixel(2 + 18 + 5, 2 + 2 * 18 + 5),
+        &Rgb(colours[2])
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

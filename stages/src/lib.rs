@@ -3,9 +3,12 @@
 //! [`builtin`] returns a registry holding all of them; programs add their own kinds to it.
 
 pub mod image;
+pub mod invert;
 pub mod io;
 pub mod npy;
 pub mod onnx;
+pub mod plot;
+pub mod report;
 pub mod transform;
 
 use latentflow_engine::Registry;
@@ -18,6 +21,10 @@ pub fn builtin() -> Registry {
         .add_source(io::JsonlSource)
         .add_source(image::ImageFolder)
         .add_stage(onnx::OnnxStage)
+        .add_stage(invert::InvertStage)
+        .add_stage(invert::GenerateStage)
+        .add_stage(invert::OptimizeStage)
+        .add_stage(invert::ImageMetricsStage)
         .add_stage(transform::ScaleStage)
         .add_stage(transform::CheckFiniteStage)
         .add_stage(transform::ArgmaxStage)
@@ -25,6 +32,8 @@ pub fn builtin() -> Registry {
         .add_sink(io::NpySink)
         .add_sink(io::ClassificationReport)
         .add_sink(image::PngSink)
-        .add_sink(image::GridSink);
+        .add_sink(image::GridSink)
+        .add_sink(report::SummarySink)
+        .add_sink(report::CurveSink);
     r
 }

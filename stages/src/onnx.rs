@@ -103,7 +103,37 @@ fn wiring(params: &Params) -> Result<Wiring, Vec<PlanIssue>> {
     })
 }
 
-fn service_config(params: &Params) -> ServiceConfig {
+/// The parameters of a stage that runs a model through the inference service.
+pub(crate) fn service_params() -> Vec<ParamSpec> {
+    vec![
+        ParamSpec::optional(
+            "device",
+            ParamKind::Choice(&["cpu", "cuda", "auto"]),
+            json!("auto"),
+            "cpu, cuda (fail if unusable) or auto (CUDA when usable, else CPU with a warning)",
+        ),
+        ParamSpec::optional(
+            "max_batch",
+            ParamKind::Int,
+            json!(64),
+            "most records per model call",
+        ),
+        ParamSpec::optional(
+            "max_delay_ms",
+            ParamKind::Float,
+            json!(2.0),
+            "longest wait for a batch to fill, in milliseconds",
+        ),
+        ParamSpec::optional(
+            "threads",
+            ParamKind::Int,
+            Json::Null,
+            "ONNX Runtime intra-op threads (default: ONNX Runtime's choice)",
+        ),
+    ]
+}
+
+pub(crate) fn service_config(params: &Params) -> ServiceConfig {
     ServiceConfig {
         device: params
             .str("device")
@@ -124,14 +154,27 @@ impl StageFactory for OnnxStage {
             doc: "Runs an ONNX model package on record fields. Records are batched along the \
                   model's first axis by a process-wide inference service shared by all workers.",
             params: vec![
-                ParamSpec::required("model", ParamKind::Path, "model package folder (manifest.json + .onnx)"),
-                ParamSpec::optional("inputs", ParamKind::NameMap, json!({}), "model input → record field (default: the field of the same name)"),
-                ParamSpec::optional("outputs", ParamKind::NameMap, json!({}), "model output → record field (default: every output, same name)"),
-                ParamSpec::optional("device", ParamKind::Choice(&["cpu", "cuda", "auto"]), json!("auto"), "cpu, cuda (fail if unusable) or auto (CUDA when usable, else CPU with a warning)"),
-                ParamSpec::optional("max_batch", ParamKind::Int, json!(64), "most records per model call"),
-                ParamSpec::optional("max_delay_ms", ParamKind::Float, json!(2.0), "longest wait for a batch to fill, in milliseconds"),
-                ParamSpec::optional("threads", ParamKind::Int, Json::Null, "ONNX Runtime intra-op threads (default: ONNX Runtime's choice)"),
-            ],
+                ParamSpec::required(
+                    "model",
+                    ParamKind::Path,
+                    "model package folder (manifest.json + .onnx)",
+                ),
+                ParamSpec::optional(
+                    "inputs",
+                    ParamKind::NameMap,
+                    json!({}),
+                    "model input → record field (default: the field of the same name)",
+                ),
+                ParamSpec::optional(
+                    "outputs",
+                    ParamKind::NameMap,
+                    json!({}),
+                    "model output → record field (default: every output, same name)",
+                ),
+            ]
+            .into_iter()
+            .chain(service_params())
+            .collect(),
         }
     }
 
