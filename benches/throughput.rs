@@ -496,6 +496,14 @@ fn bench() -> Result<()> {
         t,
         layout(1, BATCH, 8, false),
     )?;
+    let no_model_single = Engine::new(
+        "no-model-single",
+        &registry,
+        &seen,
+        n,
+        t,
+        layout(2, 1, SINGLE_IN_FLIGHT, false),
+    )?;
 
     println!(
         "latentflow throughput: model {} ({} records of f32[3, 32, 32]), device cpu, \
@@ -508,7 +516,7 @@ fn bench() -> Result<()> {
 
     // Warm-up: the allocator, the page cache, ONNX Runtime's kernels, timely's threads.
     bare.pass()?;
-    for e in [&engine, &single, &batched, &no_model] {
+    for e in [&engine, &single, &batched, &no_model, &no_model_single] {
         e.run(&service)?;
     }
     service_pass(&service, &bare.batches)?;
@@ -519,6 +527,7 @@ fn bench() -> Result<()> {
     let mut c2 = Figures::new("c. engine, 2 workers, epoch 64 (pre-batched)");
     let mut parts_service = Figures::new("service alone, fed the batches of a");
     let mut parts_engine = Figures::new("engine without the model, 1 worker, epoch 64");
+    let mut parts_single = Figures::new("engine without the model, 2 workers, epoch 1");
     for rep in 0..opts.reps {
         a.add(n, bare.pass()?, None);
         let r = engine.run(&service)?;
@@ -531,6 +540,8 @@ fn bench() -> Result<()> {
         parts_service.add(n, r.elapsed, Some(r.stats));
         let r = no_model.run(&service)?;
         parts_engine.add(n, r.elapsed, None);
+        let r = no_model_single.run(&service)?;
+        parts_single.add(n, r.elapsed, None);
         eprintln!(
             "  repetition {}/{}: {:>7.0} {:>7.0} {:>7.0} {:>7.0} records/s",
             rep + 1,
@@ -564,8 +575,8 @@ fn bench() -> Result<()> {
     for f in [&a, &b, &c1, &c2] {
         row(f);
     }
-    println!("parts of b, for finding what limits it:");
-    for f in [&parts_service, &parts_engine] {
+    println!("parts, for finding what limits b and c:");
+    for f in [&parts_service, &parts_engine, &parts_single] {
         row(f);
     }
     println!();
@@ -601,6 +612,7 @@ fn bench() -> Result<()> {
         "parts": {
             "service_alone": parts_service.json(),
             "engine_without_model": parts_engine.json(),
+            "engine_without_model_single_record": parts_single.json(),
         },
         "ratios": {
             "engine_over_bare": {"best": ratio_engine, "median": b.median() / a.median(), "goal": 0.95},
