@@ -281,7 +281,10 @@ fn directions_agree(name: &str, wrt: &[&str], h: f32) {
             // Richardson extrapolation of the two quotients cancels the O(h²) term; the
             // direction actually taken combines the same way.
             let richardson = |a: &[f64], b: &[f64]| -> Vec<f64> {
-                a.iter().zip(b).map(|(&a, &b)| (4.0 * b - a) / 3.0).collect()
+                a.iter()
+                    .zip(b)
+                    .map(|(&a, &b)| (4.0 * b - a) / 3.0)
+                    .collect()
             };
             let d = richardson(&full, &half);
             let taken = richardson(&taken_full, &taken_half);

@@ -492,6 +492,7 @@ fn stage_operator<'s, T: Timestamp>(
                 let _ = a.activate();
             }
         }),
+        out_dir: state.out_dir().to_path_buf(),
     };
     let mut stage = node
         .factory

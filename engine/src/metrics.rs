@@ -110,6 +110,7 @@ pub struct RunState {
     outputs: Mutex<Vec<PathBuf>>,
     progress: ProgressBar,
     start: Instant,
+    out_dir: PathBuf,
 }
 
 impl RunState {
@@ -164,7 +165,13 @@ impl RunState {
             outputs: Mutex::new(Vec::new()),
             progress,
             start: Instant::now(),
+            out_dir: out_dir.to_path_buf(),
         })
+    }
+
+    /// The run's output folder.
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
     }
 
     /// The counters of an entry.

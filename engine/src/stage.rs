@@ -427,6 +427,9 @@ pub struct StageContext {
     pub peers: usize,
     /// Wakes this stage's operator.
     pub waker: Waker,
+    /// The run's output folder, for stages that write artefacts of their own (computed once
+    /// per run, like a factorisation), beside what the sinks write.
+    pub out_dir: PathBuf,
 }
 
 /// A running stage (one instance per worker).

@@ -381,7 +381,8 @@ impl SinkFactory for GridSink {
             name: "grid",
             doc:
                 "A contact sheet PNG: one row per record (in source order, up to `max_rows`), one \
-                  column per listed image field, e.g. input | reconstruction | edit.",
+                  column per listed image field, e.g. input | reconstruction | edit; a field \
+                  holding a stack of images [N, C, H, W] fills N columns.",
             params: vec![
                 ParamSpec::required(
                     "fields",
@@ -476,7 +477,14 @@ impl Sink for GridWriter {
             let mut row = Vec::new();
             for f in &self.fields {
                 let t = r.tensor(f)?.as_f32().ok_or("image tensors are f32")?;
-                row.push(tensor_to_image(t, self.range)?);
+                if t.ndim() == 4 {
+                    // A stack of images (edits at several strengths): one tile each.
+                    for one in t.outer_iter() {
+                        row.push(tensor_to_image(&one.to_owned(), self.range)?);
+                    }
+                } else {
+                    row.push(tensor_to_image(t, self.range)?);
+                }
             }
             self.rows.push(row);
         }

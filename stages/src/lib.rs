@@ -8,6 +8,7 @@ pub mod io;
 pub mod npy;
 pub mod onnx;
 pub mod plot;
+pub mod region;
 pub mod report;
 pub mod transform;
 
@@ -25,6 +26,9 @@ pub fn builtin() -> Registry {
         .add_stage(invert::GenerateStage)
         .add_stage(invert::OptimizeStage)
         .add_stage(invert::ImageMetricsStage)
+        .add_stage(region::RegionDirectionsStage)
+        .add_stage(region::EditStage)
+        .add_stage(region::ResampleStage)
         .add_stage(transform::ScaleStage)
         .add_stage(transform::CheckFiniteStage)
         .add_stage(transform::ArgmaxStage)
