@@ -16,9 +16,11 @@
 //!   `models/<package>/.grad/` (their paths are passed to the script), on the CPU with the
 //!   same intra-op thread count.
 //! - Each side does its natural amount of work per step: the Python loop takes a step's loss
-//!   from the forward passes its gradient needs (G, E, E's VJP, G's VJP), while
-//!   `Inverter::optimize` evaluates the loss in a pass of its own before the gradient (one more
-//!   forward of G and of E per step); the figures include that.
+//!   from the forward passes its gradient needs (G, E, E's VJP, G's VJP: each VJP model runs
+//!   its model's forward pass again). The Rust optimiser, like the `optimize` stage, runs the
+//!   VJP model of the whole loss composed into one graph (one call per step, each forward pass
+//!   once); the model-by-model Rust optimiser (a loss pass, then the gradient pass) is shown
+//!   for reference.
 //! - Images per second is `batch / seconds` of one whole optimisation of the batch, timed
 //!   after a warm-up optimisation of 2 steps (first runs of a session at a batch size plan
 //!   and allocate). Each figure is one run: the optimisation at batch 32 takes tens of seconds.
@@ -36,7 +38,7 @@ use latentflow_engine::grad::vjp_model;
 use latentflow_engine::inference::Device;
 use latentflow_engine::model::ModelPackage;
 use latentflow_engine::runtime;
-use latentflow_stages::invert::{GradientMode, Inverter, Net, OptimizeSettings};
+use latentflow_stages::invert::{FusedLoss, GradientMode, Inverter, Net, OptimizeSettings};
 use ndarray::{ArrayD, Axis, Ix2};
 use serde_json::{json, Value as Json};
 
@@ -159,6 +161,7 @@ fn bench() -> Result<bool> {
             gradients: GradientMode::Vjp,
             ..Default::default()
         },
+        fused: None,
     };
     eprintln!(
         "models opened (VJP models built or found) in {:.2}s",
@@ -184,30 +187,50 @@ fn bench() -> Result<bool> {
     ndarray_npy::write_npy(&faces_path, &faces)?;
     ndarray_npy::write_npy(&z0_path, &z0)?;
 
-    // Rust.
+    // Rust: the stage's default (the composed loss graph, one VJP call per step), and the
+    // model-by-model gradient for reference.
+    let fused = FusedLoss::open(
+        &gen_pkg,
+        Some(&enc_pkg),
+        DOMAIN_WEIGHT,
+        Device::Cpu,
+        opts.threads,
+        max,
+    )
+    .map_err(|e| anyhow!(e))?;
+    let mut fused = Some(fused);
     let mut rust = Vec::new();
-    for batch in BATCHES {
-        let x = faces.slice_axis(Axis(0), (0..batch).into()).to_owned();
-        let z = z0.slice_axis(Axis(0), (0..batch).into()).to_owned();
-        let t = inverter.targets(x, None).map_err(|e| anyhow!(e))?;
-        inverter.settings.steps = 2;
-        inverter.optimize(z.clone(), &t).map_err(|e| anyhow!(e))?;
-        inverter.settings.steps = opts.steps;
-        let began = Instant::now();
-        let o = inverter.optimize(z, &t).map_err(|e| anyhow!(e))?;
-        let seconds = began.elapsed().as_secs_f64();
-        let run = Run {
-            seconds,
-            loss_initial: mean(&o.initial.total),
-            loss_final: mean(&o.last.total),
-            pixel_final: mean(&o.last.pixel),
-            domain_final: mean(&o.last.domain),
-        };
-        eprintln!(
-            "rust   batch {batch:>2}: {seconds:.2}s, loss {:.5} -> {:.5}",
-            run.loss_initial, run.loss_final
-        );
-        rust.push(run);
+    let mut separate = Vec::new();
+    for composed in [true, false] {
+        std::mem::swap(&mut inverter.fused, &mut fused);
+        for batch in BATCHES {
+            let x = faces.slice_axis(Axis(0), (0..batch).into()).to_owned();
+            let z = z0.slice_axis(Axis(0), (0..batch).into()).to_owned();
+            let t = inverter.targets(x, None).map_err(|e| anyhow!(e))?;
+            inverter.settings.steps = 2;
+            inverter.optimize(z.clone(), &t).map_err(|e| anyhow!(e))?;
+            inverter.settings.steps = opts.steps;
+            let began = Instant::now();
+            let o = inverter.optimize(z, &t).map_err(|e| anyhow!(e))?;
+            let seconds = began.elapsed().as_secs_f64();
+            let run = Run {
+                seconds,
+                loss_initial: mean(&o.initial.total),
+                loss_final: mean(&o.last.total),
+                pixel_final: mean(&o.last.pixel),
+                domain_final: mean(&o.last.domain),
+            };
+            let what = if composed { "composed" } else { "separate" };
+            eprintln!(
+                "rust {what} batch {batch:>2}: {seconds:.2}s, loss {:.5} -> {:.5}",
+                run.loss_initial, run.loss_final
+            );
+            if composed {
+                rust.push(run);
+            } else {
+                separate.push(run);
+            }
+        }
     }
 
     // Python.
@@ -283,9 +306,10 @@ fn bench() -> Result<bool> {
         opts.steps, opts.threads
     );
     println!(
-        "{:>5}  {:>13}  {:>15}  {:>6}  {:>12}  {:>12}  {:>9}",
+        "{:>5}  {:>13}  {:>15}  {:>15}  {:>6}  {:>12}  {:>12}  {:>9}",
         "batch",
         "rust images/s",
+        "(model by model)",
         "python images/s",
         "ratio",
         "rust loss",
@@ -294,15 +318,16 @@ fn bench() -> Result<bool> {
     );
     let mut fair = true;
     let mut rows = Vec::new();
-    for ((batch, r), p) in BATCHES.iter().zip(&rust).zip(&python) {
+    for (((batch, r), p), sep) in BATCHES.iter().zip(&rust).zip(&python).zip(&separate) {
         let ratio = p.seconds / r.seconds;
         let diff = (r.loss_final - p.loss_final).abs() / r.loss_final.abs().max(1e-12);
         let start_diff = (r.loss_initial - p.loss_initial).abs() / r.loss_initial.abs().max(1e-12);
         fair &= diff <= LOSS_TOLERANCE && start_diff <= 1e-4;
         println!(
-            "{:>5}  {:>13.2}  {:>15.2}  {:>5.2}x  {:>12.5}  {:>12.5}  {:>8.2}%",
+            "{:>5}  {:>13.2}  {:>15.2}  {:>15.2}  {:>5.2}x  {:>12.5}  {:>12.5}  {:>8.2}%",
             batch,
             r.images_per_second(*batch),
+            sep.images_per_second(*batch),
             p.images_per_second(*batch),
             ratio,
             r.loss_final,
@@ -314,6 +339,7 @@ fn bench() -> Result<bool> {
             "rust_seconds": r.seconds,
             "python_seconds": p.seconds,
             "rust_images_per_s": r.images_per_second(*batch),
+            "rust_model_by_model_images_per_s": sep.images_per_second(*batch),
             "python_images_per_s": p.images_per_second(*batch),
             "ratio": ratio,
             "rust_loss_initial": r.loss_initial,

@@ -16,7 +16,7 @@ use std::process::Command;
 use latentflow_engine::inference::Device;
 use latentflow_engine::model::ModelPackage;
 use latentflow_stages::invert::{
-    mse_psnr, ssim, GradientMode, Inverter, Net, OptimizeSettings, Targets,
+    mse_psnr, ssim, FusedLoss, GradientMode, Inverter, Net, OptimizeSettings, Targets,
 };
 use ndarray::{Array1, Array2, ArrayD, Axis, Ix2, IxDyn};
 use serde_json::Value as Json;
@@ -67,6 +67,7 @@ fn inverter(domain_weight: f64, feature_weight: f64, steps: usize) -> Inverter {
             gradients: GradientMode::Vjp,
             ..Default::default()
         },
+        fused: None,
     }
 }
 
@@ -313,6 +314,49 @@ domain = ((f64(z) - f64(ez)) ** 2).mean(1)
 total = pixel + spec["feature_weight"] * feature + spec["domain_weight"] * domain
 print(json.dumps({"total": total.tolist(), "pixel": pixel.tolist(), "domain": domain.tolist()}))
 "#;
+
+#[test]
+fn the_composed_loss_graph_gives_the_loss_and_gradient_of_the_separate_models() {
+    // One VJP call of the composed graph against the model-by-model computation, at codes
+    // moved away from E(x) so that both terms matter.
+    let x = faces(3);
+    for w in [2.0, 0.0] {
+        let inv = inverter(w, 0.0, 0);
+        let mut z = encode(&inv, &x);
+        let mut rng = Lcg(5);
+        z.mapv_inplace(|v| v + 0.3 * rng.next() as f32);
+        let fused = FusedLoss::open(
+            &package("face-dcgan"),
+            Some(&package("face-encoder")),
+            w,
+            Device::Cpu,
+            1,
+            256,
+        )
+        .unwrap();
+        let (loss, grad) = fused.loss_and_gradient(&z, &x).unwrap();
+        let t = inv.targets(x.clone(), None).unwrap();
+        let want = inv.loss(&z, &t, &[0, 1, 2]).unwrap().total;
+        let want_grad = inv.gradient_exact(&z, &t).unwrap();
+        for (a, b) in loss.iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "domain weight {w}: loss {a} vs {b}"
+            );
+        }
+        let num: f64 = grad
+            .iter()
+            .zip(want_grad.iter())
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let den: f64 = want_grad.iter().map(|b| (*b as f64).powi(2)).sum();
+        let err = (num / den).sqrt();
+        assert!(
+            err <= 1e-4,
+            "domain weight {w}: gradients differ by {err:.2e} (relative L2)"
+        );
+    }
+}
 
 #[test]
 fn the_loss_matches_an_independent_onnxruntime_computation() {

@@ -394,6 +394,93 @@ pub struct Inverter {
     pub features: Option<Net>,
     /// Settings.
     pub settings: OptimizeSettings,
+    /// The whole loss as one differentiable graph, used by [`Inverter::optimize`] when the
+    /// loss has no mask and no feature term; `None` differentiates model by model.
+    pub fused: Option<FusedLoss>,
+}
+
+/// The inversion loss `mean((G(z) − x)²) + w · mean((z − E(G(z)))²)` composed into one ONNX
+/// graph (see [`latentflow_engine::grad::compose`]): one VJP call gives every image's loss and
+/// its gradient, running each model's forward pass once instead of twice.
+pub struct FusedLoss {
+    diff: Differentiable,
+    z: String,
+    max_batch: usize,
+}
+
+impl FusedLoss {
+    /// Builds (or finds in the generator's `.grad` cache) the loss graph and its VJP model.
+    pub fn open(
+        generator: &ModelPackage,
+        encoder: Option<&ModelPackage>,
+        domain_weight: f64,
+        device: Device,
+        threads: usize,
+        max_batch: usize,
+    ) -> Result<FusedLoss, String> {
+        let path = latentflow_engine::grad::compose::inversion_loss_model(
+            generator,
+            encoder,
+            domain_weight as f32,
+        )
+        .map_err(|e| e.to_string())?;
+        let z = generator.manifest().inputs[0].name.clone();
+        let options = GradOptions {
+            device,
+            threads: Some(threads.max(1)),
+            max_batch,
+            cache_dir: None,
+        };
+        let diff = Differentiable::from_onnx_file(
+            &path,
+            latentflow_engine::grad::compose::LOSS_OUTPUT,
+            &[&z],
+            true,
+            &options,
+        )
+        .map_err(|e| format!("cannot differentiate the composed loss: {e}"))?;
+        Ok(FusedLoss {
+            diff,
+            z,
+            max_batch: max_batch.max(1),
+        })
+    }
+
+    /// Every image's loss and its gradient with respect to its code.
+    pub fn loss_and_gradient(
+        &self,
+        z: &Array2<f32>,
+        target: &ArrayD<f32>,
+    ) -> Result<(Vec<f64>, Array2<f32>), String> {
+        let n = z.nrows();
+        let mut losses = Vec::with_capacity(n);
+        let mut grad = Array2::<f32>::zeros(z.dim());
+        for start in (0..n).step_by(self.max_batch) {
+            let end = (start + self.max_batch).min(n);
+            let zs = z.slice(ndarray::s![start..end, ..]).to_owned().into_dyn();
+            let ts = target.slice_axis(Axis(0), (start..end).into()).to_owned();
+            let inputs = [
+                (self.z.as_str(), Tensor::f32(zs)),
+                (
+                    latentflow_engine::grad::compose::TARGET_INPUT,
+                    Tensor::f32(ts),
+                ),
+            ];
+            let ones = ArrayD::<f32>::ones(IxDyn(&[end - start]));
+            let out = self
+                .diff
+                .vjp_all(&inputs, &ones)
+                .map_err(|e| e.to_string())?;
+            losses.extend(out.output.iter().map(|&v| v as f64));
+            let g = out.get(&self.z).ok_or("the loss model gave no gradient")?;
+            let g = g
+                .view()
+                .into_dimensionality::<Ix2>()
+                .map_err(|e| e.to_string())?;
+            grad.slice_mut(ndarray::s![start..end, ..]).assign(&g);
+        }
+        Ok((losses, grad))
+    }
 }
 
 /// Per-image loss terms.
@@ -603,16 +690,28 @@ impl Inverter {
         let mut m2 = Array2::<f64>::zeros((n, d));
         let mut curve = Array2::zeros((n, s.steps + 1));
         let initial = self.loss(&z, t, &all)?;
+        // The composed loss graph serves the plain loss: no mask, no feature term, exact
+        // gradients.
+        let fused = self.fused.as_ref().filter(|_| {
+            t.mask.is_none()
+                && t.features.is_none()
+                && s.gradients != GradientMode::FiniteDifference
+        });
         for step in 0..s.steps {
-            let l = if step == 0 {
-                initial.total.clone()
-            } else {
-                self.loss(&z, t, &all)?.total
+            let (l, g) = match fused {
+                Some(f) => f.loss_and_gradient(&z, &t.image)?,
+                None => {
+                    let l = if step == 0 {
+                        initial.total.clone()
+                    } else {
+                        self.loss(&z, t, &all)?.total
+                    };
+                    (l, self.gradient(&z, t)?)
+                }
             };
             for (b, v) in l.iter().enumerate() {
                 curve[[b, step]] = *v as f32;
             }
-            let g = self.gradient(&z, t)?;
             let k = step as i32 + 1;
             let c1 = 1.0 - s.beta1.powi(k);
             let c2 = 1.0 - s.beta2.powi(k);
@@ -918,12 +1017,37 @@ impl StageFactory for OptimizeStage {
             Some((f, out)) => Some(Net::open(f, Some(out), mode, device, threads, rows)?),
             None => None,
         };
+        let plain = w.features.is_none() || w.settings.feature_weight == 0.0;
+        let fused = if plain && mode != GradientMode::FiniteDifference && generator.differentiable()
+        {
+            let encoder = w
+                .encoder
+                .as_ref()
+                .filter(|_| w.settings.domain_weight != 0.0);
+            match FusedLoss::open(
+                &w.generator,
+                encoder,
+                w.settings.domain_weight,
+                device,
+                threads,
+                max_batch,
+            ) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!("differentiating model by model: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Box::new(OptimizeRunner {
             inverter: Inverter {
                 generator,
                 encoder,
                 features,
                 settings: w.settings.clone(),
+                fused,
             },
             image: w.image,
             z: w.z,

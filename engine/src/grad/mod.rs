@@ -39,9 +39,11 @@
 //!   Jacobian costs a few model calls; [`Differentiable::jacobian`] uses them when the input is
 //!   smaller than the output (a generator's latent), and VJP rows otherwise (an encoder).
 
+pub mod compose;
 mod diff;
 mod emit;
 pub mod fd;
+pub mod gates;
 mod onnx;
 mod rules;
 mod shape;
