@@ -74,9 +74,9 @@ SEED_REFERENCE = 20240622  # numpy: the 4 generated reference inputs
 SEED_PICTURE = 20240623  # numpy: the 8 generated faces in reconstructions.png
 N_EVAL = 256
 
-N_POOL = 16384  # generated training faces, made once
+N_POOL = 12288  # generated training faces, made once
 EPOCHS_A, BATCH_A, LR_A = 3, 64, 1e-3
-STEPS_B, LR_B = 3500, 2.5e-4
+STEPS_B, LR_B = 2000, 2.5e-4
 BATCH_GEN, BATCH_GREY, BATCH_REAL = 10, 3, 3
 WARMUP = 20
 LAMBDA_FEAT = 0.05
