@@ -38,7 +38,7 @@ use latentflow_engine::{
 use ndarray::{Array1, Array2, ArrayD, Axis, Ix2, IxDyn};
 use serde_json::{json, Map, Value as Json};
 
-use crate::onnx::{service_params, OnnxStage};
+use crate::onnx::{device_of, service_params, OnnxStage};
 
 // ---------------------------------------------------------------------------------------------
 // invert and generate: the onnx stage with the wiring filled in.
@@ -998,11 +998,7 @@ impl StageFactory for OptimizeStage {
 
     fn build(&self, params: &Params, _cx: &StageContext) -> Result<Box<dyn Stage>, String> {
         let w = optimize_wiring(params).map_err(|i| i[0].message.clone())?;
-        let device: Device = params
-            .str("device")
-            .unwrap_or("auto")
-            .parse()
-            .map_err(|e: latentflow_engine::inference::ParseDeviceError| e.0)?;
+        let device = device_of(params)?;
         let threads = params.int("threads").unwrap_or(1) as usize;
         let max_batch = params.int("max_batch").unwrap_or(32) as usize;
         let mode = w.settings.gradients;

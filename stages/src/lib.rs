@@ -2,6 +2,8 @@
 //!
 //! [`builtin`] returns a registry holding all of them; programs add their own kinds to it.
 
+pub mod channels;
+pub mod graph;
 pub mod image;
 pub mod invert;
 pub mod io;
@@ -21,7 +23,11 @@ pub fn builtin() -> Registry {
         .add_source(io::SyntheticSource)
         .add_source(io::JsonlSource)
         .add_source(image::ImageFolder)
+        .add_source(graph::GraphLoadSource)
+        .add_stage(graph::ClassifyStage)
+        .add_source(channels::LatentsSource)
         .add_stage(onnx::OnnxStage)
+        .add_stage(channels::ChannelAwarenessStage)
         .add_stage(invert::InvertStage)
         .add_stage(invert::GenerateStage)
         .add_stage(invert::OptimizeStage)
@@ -38,6 +44,7 @@ pub fn builtin() -> Registry {
         .add_sink(image::PngSink)
         .add_sink(image::GridSink)
         .add_sink(report::SummarySink)
+        .add_sink(channels::ChannelReportSink)
         .add_sink(report::CurveSink);
     r
 }

@@ -133,6 +133,15 @@ pub(crate) fn service_params() -> Vec<ParamSpec> {
     ]
 }
 
+/// The `device` parameter of a stage that opens its own sessions (default `auto`).
+pub(crate) fn device_of(params: &Params) -> Result<Device, String> {
+    params
+        .str("device")
+        .unwrap_or("auto")
+        .parse()
+        .map_err(|e: latentflow_engine::inference::ParseDeviceError| e.0)
+}
+
 pub(crate) fn service_config(params: &Params) -> ServiceConfig {
     ServiceConfig {
         device: params

@@ -45,6 +45,7 @@ use serde_json::{json, Value as Json};
 
 use crate::image::{compose_grid, save_png, tensor_to_image};
 use crate::invert::{GradientMode, Net};
+use crate::onnx::device_of;
 
 // ---------------------------------------------------------------------------------------------
 // Regions
@@ -752,11 +753,7 @@ impl StageFactory for RegionDirectionsStage {
                 .unwrap_or_else(|e| e.into_inner());
             map.entry(key).or_default().clone()
         };
-        let device: Device = params
-            .str("device")
-            .unwrap_or("auto")
-            .parse()
-            .map_err(|e: latentflow_engine::inference::ParseDeviceError| e.0)?;
+        let device = device_of(params)?;
         let threads = params.int("threads").unwrap_or(0) as usize;
         let max_batch = params.int("max_batch").unwrap_or(64) as usize;
         let factored = cell
@@ -1069,11 +1066,7 @@ impl StageFactory for EditStage {
 
     fn build(&self, params: &Params, _cx: &StageContext) -> Result<Box<dyn Stage>, String> {
         let w = edit_wiring(params).map_err(|i| i[0].message.clone())?;
-        let device: Device = params
-            .str("device")
-            .unwrap_or("auto")
-            .parse()
-            .map_err(|e: latentflow_engine::inference::ParseDeviceError| e.0)?;
+        let device = device_of(params)?;
         let threads = params.int("threads").unwrap_or(1).max(1) as usize;
         let max_batch = params.int("max_batch").unwrap_or(64).max(1) as usize;
         let net = Net::open(
@@ -1377,11 +1370,7 @@ impl StageFactory for ResampleStage {
 
     fn build(&self, params: &Params, _cx: &StageContext) -> Result<Box<dyn Stage>, String> {
         let w = resample_wiring(params).map_err(|i| i[0].message.clone())?;
-        let device: Device = params
-            .str("device")
-            .unwrap_or("auto")
-            .parse()
-            .map_err(|e: latentflow_engine::inference::ParseDeviceError| e.0)?;
+        let device = device_of(params)?;
         let threads = params.int("threads").unwrap_or(1).max(1) as usize;
         let net = match &w.generator {
             Some(g) => Some(Net::open(
