@@ -40,6 +40,15 @@ enum Command {
         /// File with one `host:port` per process.
         #[arg(long)]
         hostfile: Option<PathBuf>,
+        /// Go on from the journal of an earlier run in the output folder (after a crash or a
+        /// kill): journaled epochs are replayed, not computed. Refused if the pipeline file or a
+        /// model package changed since.
+        #[arg(long, conflicts_with = "no_journal")]
+        resume: bool,
+        /// Keep no journal (the run cannot be resumed); removes any journal in the output
+        /// folder.
+        #[arg(long)]
+        no_journal: bool,
     },
     /// Check pipeline files without running them.
     Validate {
@@ -131,6 +140,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             processes,
             process,
             hostfile,
+            resume,
+            no_journal,
         } => {
             let reg = registry();
             let pipeline = match plan_file(&file, &reg, PlanOptions::default()) {
@@ -154,6 +165,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 process,
                 hostfile,
                 out_dir,
+                resume,
+                journal: !no_journal,
             };
             let summary = run(&pipeline, &opts)?;
             let m = &summary.metrics;
@@ -161,6 +174,20 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 "{}: {} records read, {} failed, {:.2}s",
                 pipeline.spec.name, m.records_read, m.records_failed, m.wall_seconds
             );
+            let j = &m.journal;
+            if let Some(dir) = &j.folder {
+                println!(
+                    "  journal {}: {} epochs replayed, {} computed",
+                    dir.display(),
+                    j.epochs_replayed,
+                    j.epochs_computed
+                );
+            } else if resume || j.epochs_replayed > 0 {
+                println!(
+                    "  epochs  {} replayed, {} computed",
+                    j.epochs_replayed, j.epochs_computed
+                );
+            }
             for o in &m.outputs {
                 println!("  wrote {}", o.display());
             }

@@ -6,13 +6,16 @@
 //! bags of typed fields. Stages, sources and sinks are pluggable ([`stage::Registry`]); the
 //! built-in ones live in the `latentflow-stages` crate, and a program can register its own.
 //! Models are packages of an ONNX file and a manifest ([`model`]), served by one batching
-//! inference service per model and device ([`inference`]).
+//! inference service per model and device ([`inference`]). Runs keep a journal of completed
+//! epochs ([`journal`]), so a crashed or killed run can be resumed without redoing or losing
+//! anything.
 #![warn(missing_docs)]
 
 pub mod build;
 pub mod exec;
 pub mod grad;
 pub mod inference;
+pub mod journal;
 pub mod metrics;
 pub mod model;
 pub mod plan;
@@ -22,7 +25,7 @@ pub mod stage;
 pub mod value;
 pub mod yaml;
 
-pub use exec::{run, RunOptions, RunSummary};
+pub use exec::{run, RunError, RunOptions, RunSummary};
 pub use plan::{plan_file, plan_text, Diagnostic, Diagnostics, Pipeline, PlanOptions};
 pub use stage::{
     Completion, Failure, KindInfo, Outcome, ParamKind, ParamSpec, Params, PendingBatch, Plan,

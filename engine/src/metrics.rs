@@ -1,15 +1,18 @@
 //! Run accounting: per-entry counters, the errors file, the progress bar and the metrics JSON.
 //!
 //! Counters are atomics shared by all workers of a process, so recording is cheap on the hot
-//! path. Failed records are appended to `errors.jsonl` in the run folder as they happen, one
-//! JSON object per line with the record's key, its source position, the entry that failed it
-//! and why; the run goes on. The progress bar is drawn only when stderr is a terminal.
+//! path. Failed records go to `errors.jsonl` in the run folder, one JSON object per line with
+//! the record's key, its source position, the entry that failed it and why; the run goes on.
+//! Failures are held per epoch and written when their epoch completes, epoch by epoch and
+//! sorted within an epoch (by position, key, entry, reason), so the file is the same for any
+//! number of workers and after a resume (the journal replays the failures of the epochs it
+//! holds). The progress bar is drawn only when stderr is a terminal.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -98,13 +101,38 @@ pub struct RunMetrics {
     pub entries: BTreeMap<String, EntryMetrics>,
     /// Files written by sinks.
     pub outputs: Vec<PathBuf>,
+    /// What the journal did: epochs replayed from it and epochs computed.
+    pub journal: JournalMetrics,
 }
+
+/// Journal figures of a run.
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct JournalMetrics {
+    /// The journal folder (absent when the run kept no journal).
+    pub folder: Option<PathBuf>,
+    /// Whether the run resumed from a journal.
+    pub resumed: bool,
+    /// Epochs whose records were fed to the sinks from the journal, with no stage work.
+    pub epochs_replayed: u64,
+    /// Epochs the run computed.
+    pub epochs_computed: u64,
+    /// Failed records replayed from the journal into the errors file.
+    pub failures_replayed: u64,
+}
+
+/// A failure waiting for its epoch to complete; `journal` is false for failures that recur
+/// when the epoch is replayed (sink write errors).
+type Pending = BTreeMap<u64, Vec<(Failure, bool)>>;
 
 /// Shared state of one run in one process.
 pub struct RunState {
     entries: BTreeMap<String, (String, String, Arc<Counters>)>,
     errors: Mutex<Option<BufWriter<File>>>,
     errors_path: PathBuf,
+    pending: Mutex<Pending>,
+    max_epoch: AtomicU64,
+    journal: Mutex<JournalMetrics>,
+    abort: AtomicBool,
     failed: AtomicU64,
     read: AtomicU64,
     outputs: Mutex<Vec<PathBuf>>,
@@ -160,6 +188,10 @@ impl RunState {
                 .collect(),
             errors: Mutex::new(None),
             errors_path,
+            pending: Mutex::new(BTreeMap::new()),
+            max_epoch: AtomicU64::new(u64::MAX),
+            journal: Mutex::new(JournalMetrics::default()),
+            abort: AtomicBool::new(false),
             failed: AtomicU64::new(0),
             read: AtomicU64::new(0),
             outputs: Mutex::new(Vec::new()),
@@ -188,12 +220,55 @@ impl RunState {
         self.progress.inc(n);
     }
 
-    /// Records a failed record in the errors file.
+    /// Notes records skipped because the journal holds their epochs (progress only).
+    pub fn skipped(&self, n: u64) {
+        self.progress.inc(n);
+    }
+
+    /// Records a failed record and writes it to the errors file at once, outside the epoch
+    /// order (for failures that belong to no epoch).
     pub fn fail(&self, f: &Failure) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.count_failure(f);
+        self.write_failures(std::slice::from_ref(f));
+    }
+
+    /// Records a failed record of `epoch`; it is written to the errors file when the epoch
+    /// completes ([`RunState::take_failures`]). `journal` says whether the journal keeps it
+    /// (failures that recur when an epoch is replayed, like a sink's, are not kept).
+    pub fn fail_at(&self, epoch: u64, f: &Failure, journal: bool) {
+        self.count_failure(f);
+        self.note_epoch(epoch);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(epoch)
+            .or_default()
+            .push((f.clone(), journal));
+    }
+
+    fn count_failure(&self, f: &Failure) {
+        let n = self.failed.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(key = %f.key, stage = %f.stage, reason = %f.reason, "record failed");
-        let n = self.failed.load(Ordering::Relaxed);
         self.progress.set_message(format!("{n} failed"));
+    }
+
+    /// Takes the failures of a completed epoch, sorted by position, key, entry and reason.
+    pub fn take_failures(&self, epoch: u64) -> Vec<(Failure, bool)> {
+        let mut v = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&epoch)
+            .unwrap_or_default();
+        v.sort_by(|(a, _), (b, _)| failure_order(a, b));
+        v
+    }
+
+    /// Appends failures to the errors file (created on the first one).
+    pub fn write_failures(&self, failures: &[Failure]) {
+        if failures.is_empty() {
+            return;
+        }
         let mut guard = self.errors.lock().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
             match File::create(&self.errors_path) {
@@ -205,9 +280,58 @@ impl RunState {
             }
         }
         if let Some(w) = guard.as_mut() {
-            let line = serde_json::json!({"key": &*f.key, "seq": f.seq, "stage": f.stage, "reason": f.reason});
-            let _ = writeln!(w, "{line}");
+            for f in failures {
+                let line = serde_json::json!({"key": &*f.key, "seq": f.seq, "stage": f.stage, "reason": f.reason});
+                let _ = writeln!(w, "{line}");
+            }
         }
+    }
+
+    /// Counts failures replayed from the journal (already written with
+    /// [`RunState::write_failures`]).
+    pub fn replayed_failures(&self, n: u64) {
+        self.failed.fetch_add(n, Ordering::Relaxed);
+        self.journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failures_replayed += n;
+    }
+
+    /// Notes that `epoch` had input or output in this process.
+    pub fn note_epoch(&self, epoch: u64) {
+        let _ = self
+            .max_epoch
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                (m == u64::MAX || epoch > m).then_some(epoch)
+            });
+    }
+
+    /// The last epoch that had input, output or failures in this process, if any.
+    pub fn last_epoch(&self) -> Option<u64> {
+        let m = self.max_epoch.load(Ordering::Relaxed);
+        let p = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .next_back()
+            .copied();
+        (m != u64::MAX).then_some(m).max(p)
+    }
+
+    /// Asks this process's sources to stop reading (the run cannot succeed).
+    pub fn abort(&self) {
+        self.abort.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`RunState::abort`] was called.
+    pub fn aborted(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
+    }
+
+    /// Updates the journal figures.
+    pub fn journal(&self, f: impl FnOnce(&mut JournalMetrics)) {
+        f(&mut self.journal.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Notes files written by a sink.
@@ -236,6 +360,18 @@ impl RunState {
         processes: usize,
         process: usize,
     ) -> RunMetrics {
+        // Failures of epochs that never completed (a run that stopped on an error).
+        let left: Vec<u64> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        for e in left {
+            let fs: Vec<Failure> = self.take_failures(e).into_iter().map(|f| f.0).collect();
+            self.write_failures(&fs);
+        }
         if let Some(w) = self
             .errors
             .lock()
@@ -289,8 +425,18 @@ impl RunState {
             peak_rss_mib: peak_rss_mib(),
             entries,
             outputs,
+            journal: self
+                .journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
+}
+
+/// The order of failures within an epoch in the errors file: position, key, entry, reason.
+pub fn failure_order(a: &Failure, b: &Failure) -> std::cmp::Ordering {
+    (a.seq, &a.key, &a.stage, &a.reason).cmp(&(b.seq, &b.key, &b.stage, &b.reason))
 }
 
 /// Peak resident set size of this process in MiB, from `/proc/self/status` (0 if unknown).
