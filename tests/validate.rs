@@ -943,7 +943,10 @@ fn shipped_pipelines_are_valid() {
     for f in &files {
         let text = fs::read_to_string(Path::new(ROOT).join(f)).unwrap();
         if text.contains("shared/data/") && !shared.exists() {
-            eprintln!("skipping {f}: it reads {}, which is absent", shared.display());
+            eprintln!(
+                "skipping {f}: it reads {}, which is absent",
+                shared.display()
+            );
             continue;
         }
         for flags in [&[][..], &["--no-models"][..]] {
