@@ -140,9 +140,22 @@ impl NpyFile {
             return Err(bad("a 0-dimensional array has no rows"));
         }
         let data_offset = file.stream_position().map_err(|e| bad(&e.to_string()))?;
-        let n: usize = shape.iter().product();
+        // Checked: a corrupt header may promise more bytes than memory can count. The
+        // product of the non-zero axis lengths must fit an isize too (ndarray's rule for a
+        // shape, empty axes included), for the whole array and for one row.
+        let bytes = |dims: &[usize]| {
+            let nonzero = dims
+                .iter()
+                .filter(|&&d| d != 0)
+                .try_fold(elem.size(), |acc, &d| acc.checked_mul(d))?;
+            isize::try_from(nonzero).ok()?;
+            Some(if dims.contains(&0) { 0 } else { nonzero as u64 })
+        };
+        let expected = bytes(&shape)
+            .zip(bytes(&shape[1..]))
+            .and_then(|(b, _)| b.checked_add(data_offset))
+            .ok_or_else(|| bad(&format!("the shape {shape:?} is too large")))?;
         let len = file.metadata().map_err(|e| bad(&e.to_string()))?.len();
-        let expected = data_offset + (n * elem.size()) as u64;
         if len < expected {
             return Err(bad(&format!(
                 "truncated: the header promises {expected} bytes, the file has {len}"
@@ -225,7 +238,12 @@ impl NpyFile {
 
     /// Reads the whole array as one tensor of the wanted element type.
     pub fn read_all(&mut self, want: DType) -> Result<Tensor, String> {
-        let rows = self.rows();
+        // Rows without elements add nothing; a header may still promise billions of them.
+        let rows = if self.row_shape().contains(&0) {
+            0
+        } else {
+            self.rows()
+        };
         let mut f = Vec::new();
         let mut i = Vec::new();
         for r in 0..rows {
@@ -364,6 +382,51 @@ mod tests {
             .contains("truncated"));
         std::fs::write(dir.join("x.npy"), b"hello").unwrap();
         assert!(NpyFile::open(&dir.join("x.npy")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Found by fuzzing (fuzz/README.md): shapes whose size overflows, and billions of empty
+    /// rows, are errors or read at once, not panics or endless loops.
+    #[test]
+    fn corrupt_shapes_are_errors() {
+        let dir = std::env::temp_dir().join(format!("lf-npy-shapes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.npy");
+        let write = |shape: &str| {
+            let mut dict =
+                format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+            while (dict.len() + 11) % 64 != 0 {
+                dict.push(' ');
+            }
+            dict.push('\n');
+            let mut b = b"\x93NUMPY\x01\x00".to_vec();
+            b.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+            b.extend_from_slice(dict.as_bytes());
+            b.extend_from_slice(&[0; 64]);
+            std::fs::write(&p, b).unwrap();
+        };
+        for shape in [
+            "(4294967296, 4294967296, 2)",
+            "(4611686018427387904,)",
+            "(0, 4294967296, 4294967296)",
+        ] {
+            write(shape);
+            let e = NpyFile::open(&p).unwrap_err();
+            assert!(e.contains("too large"), "{shape}: {e}");
+        }
+        for shape in [
+            "(18446744073709551615, 0)",
+            "(18446744073709551615, 18446744073709551615, 0)",
+        ] {
+            write(shape);
+            let e = NpyFile::open(&p).unwrap_err();
+            assert!(e.contains("too large"), "{shape}: {e}");
+        }
+        write("(1099511627776, 0)");
+        let mut f = NpyFile::open(&p).unwrap();
+        assert_eq!(f.rows(), 1 << 40);
+        assert_eq!(f.read_row(5, DType::F32).unwrap().shape(), &[0]);
+        assert_eq!(f.read_all(DType::I64).unwrap().shape(), &[1 << 40, 0]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -46,6 +46,13 @@ use serde_json::json;
 
 use super::{Csr, Graph, GraphFields, Rng, Split};
 
+/// The most distinct values of one node-label column that the TU reader one-hot encodes.
+const MAX_ONE_HOT: usize = 100_000;
+
+/// The most feature values (nodes × features) a loaded graph may hold: graph stages keep
+/// features as a dense `f32` matrix, and this is 1 GiB of it.
+const MAX_DENSE_FEATURES: usize = 1 << 28;
+
 /// A problem with an input file.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
@@ -490,6 +497,18 @@ fn read_npz(path: &Path, opts: &LoadOptions) -> Result<Graph, LoadError> {
         edges.extend(adj.row(s).0.iter().map(|&t| (s, t)));
     }
     let features = npz.csr("attr", "the node features")?;
+    let dense = features.rows as u128 * features.cols as u128;
+    if dense > MAX_DENSE_FEATURES as u128 {
+        return Err(LoadError::new(
+            path,
+            format!(
+                "the node features are {} x {}, {dense} values, more than the {MAX_DENSE_FEATURES} \
+                 (1 GiB) that graph stages hold as a dense matrix; reduce the feature dimension \
+                 first (for example with a truncated SVD)",
+                features.rows, features.cols
+            ),
+        ));
+    }
     if features.rows != n {
         return Err(LoadError::new(
             path,
@@ -691,14 +710,18 @@ fn read_tu(dir: &Path) -> Result<(String, Vec<Graph>), LoadError> {
         let expected_next = starts.len() as i64 + 1;
         if g == expected_next {
             starts.push(graph_of.len());
-        } else if g != expected_next - 1 {
+        } else if starts.is_empty() || g != expected_next - 1 {
             return Err(LoadError::at(
                 &ind_path,
                 *line,
                 format!(
-                    "graph id {g} where {} or {expected_next} was expected: graph ids start at \
-                     1 and the nodes of a graph are consecutive",
-                    expected_next - 1
+                    "graph id {g} where {} was expected: graph ids start at 1 and the nodes \
+                     of a graph are consecutive",
+                    if starts.is_empty() {
+                        "1".to_string()
+                    } else {
+                        format!("{} or {expected_next}", expected_next - 1)
+                    }
                 ),
             ));
         }
@@ -825,7 +848,29 @@ fn read_tu(dir: &Path) -> Result<(String, Vec<Graph>), LoadError> {
         for k in 0..parsed[0].len() {
             let min = parsed.iter().map(|v| v[k]).min().unwrap_or(0);
             let max = parsed.iter().map(|v| v[k]).max().unwrap_or(0);
-            let width = (max - min + 1) as usize;
+            let width = (max as i128 - min as i128 + 1) as u128;
+            if width > MAX_ONE_HOT as u128 {
+                return Err(LoadError::new(
+                    &nl_path,
+                    format!(
+                        "node labels of column {} span {min}..={max}, {width} values, too many to \
+                         one-hot encode (at most {MAX_ONE_HOT}); renumber them from 0",
+                        k + 1
+                    ),
+                ));
+            }
+            let width = width as usize;
+            let total = (columns[0].len() + width) as u128 * n as u128;
+            if total > MAX_DENSE_FEATURES as u128 {
+                return Err(LoadError::new(
+                    &nl_path,
+                    format!(
+                        "one-hot node labels would give {n} nodes x {} features, more than the \
+                         {MAX_DENSE_FEATURES} values (1 GiB) graph stages hold densely",
+                        columns[0].len() + width
+                    ),
+                ));
+            }
             for (c, v) in columns.iter_mut().zip(&parsed) {
                 let at = c.len();
                 c.resize(at + width, 0.0);
@@ -1387,5 +1432,83 @@ mod tests {
         let raw = |v: &[&str]| v.iter().map(|s| (1, s.to_string())).collect::<Vec<_>>();
         assert_eq!(parse_labels(raw(&["2", "0", "-1", ""])), vec![2, 0, -1, -1]);
         assert_eq!(parse_labels(raw(&["b", "a", "", "b"])), vec![1, 0, -1, 1]);
+    }
+
+    /// A fresh folder under the system's temporary folder.
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("lf-load-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A two-node, one-graph TU folder with the given indicator and node-label texts.
+    fn tu(name: &str, indicator: &str, node_labels: Option<&str>) -> Result<usize, LoadError> {
+        let d = scratch(name);
+        std::fs::write(d.join("DS_A.txt"), "1, 2\n2, 1\n").unwrap();
+        std::fs::write(d.join("DS_graph_indicator.txt"), indicator).unwrap();
+        std::fs::write(d.join("DS_graph_labels.txt"), "1\n").unwrap();
+        if let Some(l) = node_labels {
+            std::fs::write(d.join("DS_node_labels.txt"), l).unwrap();
+        }
+        let r = read_tu(&d).map(|(_, g)| g[0].features.cols);
+        let _ = std::fs::remove_dir_all(&d);
+        r
+    }
+
+    #[test]
+    fn tu_graph_ids_must_start_at_one() {
+        assert_eq!(tu("ok", "1\n1\n", None).unwrap(), 1);
+        let e = tu("zero", "0\n0\n", None).unwrap_err().to_string();
+        assert!(e.contains("graph id 0 where 1 was expected"), "{e}");
+        assert!(e.contains("DS_graph_indicator.txt"), "{e}");
+    }
+
+    #[test]
+    fn tu_node_labels_too_wide_to_one_hot_are_errors() {
+        assert_eq!(tu("narrow", "1\n1\n", Some("3\n5\n")).unwrap(), 3);
+        for labels in [
+            "0\n9223372036854775807\n",
+            "-9223372036854775808\n0\n",
+            "0\n4000000000\n",
+        ] {
+            let e = tu("wide", "1\n1\n", Some(labels)).unwrap_err().to_string();
+            assert!(e.contains("too many to one-hot encode"), "{labels}: {e}");
+        }
+    }
+
+    #[test]
+    fn npz_features_too_large_to_hold_densely_are_errors() {
+        let d = scratch("npz");
+        let path = d.join("g.npz");
+        let write = |cols: i64| {
+            let mut w = ndarray_npy::NpzWriter::new(File::create(&path).unwrap());
+            let i = |v: Vec<i64>| ndarray::Array1::from_vec(v);
+            w.add_array("adj_indptr", &i(vec![0, 1, 2])).unwrap();
+            w.add_array("adj_indices", &i(vec![1, 0])).unwrap();
+            w.add_array("adj_shape", &i(vec![2, 2])).unwrap();
+            w.add_array("attr_indptr", &i(vec![0, 1, 1])).unwrap();
+            w.add_array("attr_indices", &i(vec![0])).unwrap();
+            w.add_array("attr_data", &ndarray::Array1::from_vec(vec![1.0f32]))
+                .unwrap();
+            w.add_array("attr_shape", &i(vec![2, cols])).unwrap();
+            w.finish().unwrap();
+        };
+        write(3);
+        assert_eq!(
+            read_npz(&path, &LoadOptions::default())
+                .unwrap()
+                .features
+                .cols,
+            3
+        );
+        for cols in [1i64 << 40, 1 << 62] {
+            write(cols);
+            let e = read_npz(&path, &LoadOptions::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("reduce the feature dimension"), "{cols}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
