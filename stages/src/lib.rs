@@ -25,6 +25,8 @@ pub fn builtin() -> Registry {
         .add_source(image::ImageFolder)
         .add_source(graph::GraphLoadSource)
         .add_stage(graph::ClassifyStage)
+        .add_stage(graph::embed::GnnEmbedStage)
+        .add_stage(graph::GcbrStage)
         .add_source(channels::LatentsSource)
         .add_stage(onnx::OnnxStage)
         .add_stage(channels::ChannelAwarenessStage)

@@ -12,6 +12,10 @@
 //! | `y` | `i64[nodes]` or `int` | node labels (−1: unlabelled), or the graph's label |
 //! | `train_mask`, `val_mask`, `test_mask` | `i64[nodes]` | 1 for nodes in the split part |
 //!
+//! Class-balanced reinforced active learning (the `gcbr` stage) lives in [`gcbr`], [`agent`]
+//! (episodes, agents, A2C training), [`state`], [`policy`], [`retrain`] (the GCN retrained after
+//! every pick), [`oracle`] and [`pagerank`].
+//!
 //! Inside Rust a graph is a [`Graph`]: features in compressed sparse rows ([`Csr`]), since
 //! citation graphs have bag-of-words features that are over 98% zeros, and training touches
 //! only the non-zeros (dropout included); labels; and the split as node lists.
@@ -23,16 +27,27 @@
 //! - Randomness (initialisation, dropout, random splits) comes from one seeded [`Rng`], so a
 //!   seed fixes a result on every machine and for any number of workers.
 
+pub mod agent;
 pub mod classify;
+pub mod embed;
+pub mod embed_incremental;
+pub mod gcbr;
 pub mod gcn;
 pub mod load;
 pub mod logreg;
 pub mod metrics;
+pub mod oracle;
+pub mod pagerank;
+pub mod policy;
+pub mod retrain;
+pub mod state;
+pub mod subgraph;
 
 use latentflow_engine::{Record, Tensor, Value};
 use ndarray::{Array1, Array2, ArrayD, ArrayView2, IxDyn};
 
 pub use classify::ClassifyStage;
+pub use gcbr::GcbrStage;
 pub use load::GraphLoadSource;
 
 // ---------------------------------------------------------------------------------------------
