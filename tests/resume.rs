@@ -1,8 +1,9 @@
 //! Crash and resume, end to end through the CLI: runs are killed (`SIGKILL`) after a chosen
 //! number of journaled epochs, resumed with `--resume`, and every output file is compared byte
 //! for byte with an uninterrupted run. Also: failures before the crash appear once, a changed
-//! pipeline file or model package is refused, an unwritable output folder is reported, and
-//! resuming a finished run computes nothing.
+//! pipeline file or model package is refused, an unwritable output folder and a full disk are
+//! reported (and the run resumes once the disk has room), and resuming a finished run computes
+//! nothing.
 
 mod common;
 
@@ -494,4 +495,105 @@ fn an_unwritable_output_folder_is_a_clear_error() {
     }
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// How to get a private mount namespace for a test: as root, or as a user where user
+/// namespaces are allowed; `None` where neither works.
+fn mount_namespace() -> Option<Vec<&'static str>> {
+    [
+        vec!["unshare", "--mount"],
+        vec!["unshare", "--map-root-user", "--mount"],
+    ]
+    .into_iter()
+    .find(|cmd| {
+        Command::new(cmd[0])
+            .args(&cmd[1..])
+            .args(["sh", "-c", "mount -t tmpfs -o size=4k tmpfs /tmp"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// A disk that fills up part-way: the output folder is a small tmpfs (in a private mount
+/// namespace), so the run fails with "No space left on device"; then the tmpfs grows and the
+/// run resumes to the same bytes as an uninterrupted run, each failed record reported once.
+#[test]
+fn a_full_disk_is_a_clear_error_and_the_run_resumes() {
+    let Some(ns) = mount_namespace() else {
+        eprintln!("skipped: no mount namespace here (needs root or user namespaces)");
+        return;
+    };
+    let dir = scratch("resume-full");
+    let file = pipeline(&dir, &digits_model(), 1, "quick.yaml");
+    let want = reference(&dir, &file);
+    let want_errors = error_keys(&[dir.join("reference/errors.jsonl")]);
+    let total: u64 = walk_size(&dir.join("reference"));
+    let bin = env!("CARGO_BIN_EXE_latentflow");
+    // Sizes as a share of the finished run folder (outputs and journal): the disk fills while
+    // the journal is written, while the sinks write, or as they move their files into place.
+    for share in [0.15, 0.45, 0.8] {
+        let size = ((total as f64 * share) as u64).max(4096);
+        let tag = format!("{}", (share * 100.0) as u32);
+        let out = dir.join(format!("mnt-{tag}"));
+        let keep = dir.join(format!("full-{tag}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let q = |p: &Path| format!("'{}'", p.display());
+        let script = format!(
+            "set -u
+mount -t tmpfs -o size={size} tmpfs {out} || exit 90
+{bin} run {file} --out {out} >{d}/first.out 2>{d}/first.err; echo $? >{d}/first.rc
+mount -o remount,size=64m {out} || exit 91
+{bin} run {file} --out {out} --resume >{d}/second.out 2>{d}/second.err; echo $? >{d}/second.rc
+cp -a {out} {keep}",
+            out = q(&out),
+            file = q(&file),
+            keep = q(&keep),
+            d = q(&dir),
+        );
+        let status = Command::new(ns[0])
+            .args(&ns[1..])
+            .args(["sh", "-c", &script])
+            .current_dir(root())
+            .env("RUST_LOG", "warn")
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "{share}: the test's shell failed: {status}"
+        );
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        let (first, second) = (read("first.err"), read("second.err"));
+        assert_eq!(read("first.rc").trim(), "1", "{share}: {first}");
+        assert!(
+            first.contains("No space left on device"),
+            "{share}: {first}"
+        );
+        assert!(!first.contains("panicked"), "{share}: {first}");
+        eprintln!("disk full at {tag}%: {}", first.lines().last().unwrap_or_default());
+        assert_eq!(read("second.rc").trim(), "3", "{share}: {second}");
+        assert_same(
+            &want,
+            &keep,
+            &format!("disk full at {tag}% of the run's size"),
+        );
+        assert_eq!(error_keys(&[keep.join("errors.jsonl")]), want_errors);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Bytes in the files under `dir`.
+fn walk_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                walk_size(&e.path())
+            } else {
+                e.metadata().unwrap().len()
+            }
+        })
+        .sum()
 }

@@ -114,6 +114,18 @@ pub enum RunError {
         /// Why.
         reason: String,
     },
+    /// A sink could not finish its output files (a full disk, a lost folder).
+    #[error(
+        "sink `{entry}` could not write its output: {reason}. Outputs are moved into place only \
+         when complete, so none is half-written; fix the cause and run again (with --resume, \
+         journaled epochs are not computed again)"
+    )]
+    Sink {
+        /// The sink.
+        entry: String,
+        /// Why.
+        reason: String,
+    },
     /// A worker failed.
     #[error("a worker failed: {0}")]
     Worker(String),
@@ -477,7 +489,7 @@ impl SinkCell {
         }
         self.finished = true;
         if let Some(w) = self.writer.as_mut() {
-            let files = w.finish().map_err(|reason| RunError::Build {
+            let files = w.finish().map_err(|reason| RunError::Sink {
                 entry: self.name.clone(),
                 reason,
             })?;
