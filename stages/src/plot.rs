@@ -49,6 +49,43 @@ fn glyph(c: char) -> Option<u16> {
         '-' => 0b000_000_111_000_000,
         'e' => 0b000_111_111_100_111,
         '+' => 0b000_010_111_010_000,
+        ' ' => 0,
+        '_' => 0b000_000_000_000_111,
+        '(' => 0b010_100_100_100_010,
+        ')' => 0b010_001_001_001_010,
+        '/' => 0b001_001_010_100_100,
+        ':' => 0b000_010_000_010_000,
+        '%' => 0b101_001_010_100_101,
+        '=' => 0b000_111_000_111_000,
+        ',' => 0b000_000_000_010_100,
+        'A' => 0b010_101_111_101_101,
+        'B' => 0b110_101_110_101_110,
+        'C' => 0b011_100_100_100_011,
+        'D' => 0b110_101_101_101_110,
+        'E' => 0b111_100_110_100_111,
+        'F' => 0b111_100_110_100_100,
+        'G' => 0b011_100_101_101_011,
+        'H' => 0b101_101_111_101_101,
+        'I' => 0b111_010_010_010_111,
+        'J' => 0b001_001_001_101_010,
+        'K' => 0b101_101_110_101_101,
+        'L' => 0b100_100_100_100_111,
+        'M' => 0b101_111_111_101_101,
+        'N' => 0b110_101_101_101_101,
+        'O' => 0b010_101_101_101_010,
+        'P' => 0b110_101_110_100_100,
+        'Q' => 0b010_101_101_110_011,
+        'R' => 0b110_101_110_101_101,
+        'S' => 0b011_100_010_001_110,
+        'T' => 0b111_010_010_010_010,
+        'U' => 0b101_101_101_101_111,
+        'V' => 0b101_101_101_101_010,
+        'W' => 0b101_101_111_111_101,
+        'X' => 0b101_101_010_101_101,
+        'Y' => 0b101_101_010_010_010,
+        'Z' => 0b111_001_010_100_111,
+        // Lower case is drawn as upper case (`e` above is the exponent of tick labels).
+        c if c.is_ascii_lowercase() => return glyph(c.to_ascii_uppercase()),
         _ => return None,
     })
 }
@@ -134,8 +171,53 @@ fn tick_label(v: f64) -> String {
     }
 }
 
+/// Axis titles and series names for [`labelled_chart`].
+#[derive(Clone, Debug, Default)]
+pub struct Labels {
+    /// Title under the x axis.
+    pub x: String,
+    /// Title above the y axis.
+    pub y: String,
+    /// One name per series, in the legend right of the plot (empty: no legend).
+    pub names: Vec<String>,
+}
+
+/// Margins around the plotting area.
+struct Frame {
+    w: u32,
+    h: u32,
+    left: u32,
+    right: u32,
+    top: u32,
+    bottom: u32,
+}
+
 /// Renders the series on shared axes; `None` when there is nothing finite to draw.
 pub fn line_chart(series: &[Series]) -> Option<RgbImage> {
+    render(series, None)
+}
+
+/// [`line_chart`] with axis titles and a legend naming each series by its colour. Letters are
+/// drawn in capitals.
+pub fn labelled_chart(series: &[Series], labels: &Labels) -> Option<RgbImage> {
+    render(series, Some(labels))
+}
+
+fn render(series: &[Series], labels: Option<&Labels>) -> Option<RgbImage> {
+    let legend_w = labels
+        .map(|l| l.names.iter().map(|n| text_width(n, 2)).max().unwrap_or(0))
+        .filter(|&w| w > 0)
+        .map_or(0, |w| w as u32 + 44);
+    let titled = labels.is_some();
+    let fr = Frame {
+        w: W + legend_w,
+        h: H + if titled { 28 } else { 0 },
+        left: LEFT,
+        right: RIGHT + legend_w,
+        top: TOP + if titled { 14 } else { 0 },
+        bottom: BOTTOM + if titled { 14 } else { 0 },
+    };
+
     let mut xs = (f64::INFINITY, f64::NEG_INFINITY);
     let mut ys = (f64::INFINITY, f64::NEG_INFINITY);
     for s in series {
@@ -164,11 +246,14 @@ pub fn line_chart(series: &[Series]) -> Option<RgbImage> {
     }
     let pad = (ys.1 - ys.0) * 0.05;
     ys = (ys.0 - pad, ys.1 + pad);
-    let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
-    let px = |x: f64| LEFT as f64 + (x - xs.0) / (xs.1 - xs.0) * pw;
-    let py = |y: f64| TOP as f64 + (1.0 - (y - ys.0) / (ys.1 - ys.0)) * ph;
+    let (pw, ph) = (
+        (fr.w - fr.left - fr.right) as f64,
+        (fr.h - fr.top - fr.bottom) as f64,
+    );
+    let px = |x: f64| fr.left as f64 + (x - xs.0) / (xs.1 - xs.0) * pw;
+    let py = |y: f64| fr.top as f64 + (1.0 - (y - ys.0) / (ys.1 - ys.0)) * ph;
 
-    let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
+    let mut img = RgbImage::from_pixel(fr.w, fr.h, Rgb([255, 255, 255]));
     let grey = Rgb([200, 200, 200]);
     let ink = Rgb([40, 40, 40]);
     // Grid lines and tick labels: 5 on each axis.
@@ -176,17 +261,17 @@ pub fn line_chart(series: &[Series]) -> Option<RgbImage> {
         let f = k as f64 / 4.0;
         let (yv, xv) = (ys.0 + f * (ys.1 - ys.0), xs.0 + f * (xs.1 - xs.0));
         let (y, x) = (py(yv).round() as i64, px(xv).round() as i64);
-        for gx in LEFT as i64..(W - RIGHT) as i64 {
+        for gx in fr.left as i64..(fr.w - fr.right) as i64 {
             put(&mut img, gx, y, grey);
         }
-        for gy in TOP as i64..(H - BOTTOM) as i64 {
+        for gy in fr.top as i64..(fr.h - fr.bottom) as i64 {
             put(&mut img, x, gy, grey);
         }
         let yl = tick_label(yv);
         draw_text(
             &mut img,
             &yl,
-            LEFT as i64 - 6 - text_width(&yl, 2),
+            fr.left as i64 - 6 - text_width(&yl, 2),
             y - 5,
             2,
             ink,
@@ -196,17 +281,17 @@ pub fn line_chart(series: &[Series]) -> Option<RgbImage> {
             &mut img,
             &xl,
             x - text_width(&xl, 2) / 2,
-            (H - BOTTOM) as i64 + 8,
+            (fr.h - fr.bottom) as i64 + 8,
             2,
             ink,
         );
     }
     // Axes.
-    for gx in LEFT as i64..(W - RIGHT) as i64 {
-        put(&mut img, gx, (H - BOTTOM) as i64, ink);
+    for gx in fr.left as i64..(fr.w - fr.right) as i64 {
+        put(&mut img, gx, (fr.h - fr.bottom) as i64, ink);
     }
-    for gy in TOP as i64..=(H - BOTTOM) as i64 {
-        put(&mut img, LEFT as i64, gy, ink);
+    for gy in fr.top as i64..=(fr.h - fr.bottom) as i64 {
+        put(&mut img, fr.left as i64, gy, ink);
     }
     // Bands, then lines on top.
     for s in series {
@@ -240,6 +325,26 @@ pub fn line_chart(series: &[Series]) -> Option<RgbImage> {
         }
         if pts.len() == 1 {
             line(&mut img, pts[0], pts[0], s.colour);
+        }
+    }
+    if let Some(l) = labels {
+        // Capitals: the lower-case `e` glyph is the exponent of tick labels.
+        let (x_title, y_title) = (l.x.to_uppercase(), l.y.to_uppercase());
+        draw_text(&mut img, &y_title, 8, 6, 2, ink);
+        let xw = text_width(&x_title, 2);
+        let xc = (fr.left + (fr.w - fr.left - fr.right) / 2) as i64;
+        draw_text(&mut img, &x_title, xc - xw / 2, fr.h as i64 - 14, 2, ink);
+        let x0 = (fr.w - fr.right) as i64 + 12;
+        for (k, (name, s)) in l.names.iter().zip(series).enumerate() {
+            let y = fr.top as i64 + 6 + k as i64 * 18;
+            let c = s.colour;
+            line(
+                &mut img,
+                (x0 as f64, y as f64 + 5.0),
+                (x0 as f64 + 18.0, y as f64 + 5.0),
+                c,
+            );
+            draw_text(&mut img, &name.to_uppercase(), x0 + 26, y, 2, ink);
         }
     }
     Some(img)
@@ -278,5 +383,45 @@ mod tests {
             assert!(l.len() <= 8, "{l}");
             assert!(l.chars().all(|c| glyph(c).is_some()), "{l}");
         }
+    }
+
+    #[test]
+    fn legends_name_each_series_beside_the_plot() {
+        let series: Vec<Series> = (0..2)
+            .map(|k| Series {
+                points: (0..5).map(|i| (i as f64, (i * (k + 1)) as f64)).collect(),
+                band: None,
+                colour: PALETTE[k],
+            })
+            .collect();
+        let labels = Labels {
+            x: "labels used".into(),
+            y: "test macro-F1 (mean)".into(),
+            names: vec!["gcbr_pp".into(), "random".into()],
+        };
+        for text in [&labels.x, &labels.y, &labels.names[0]] {
+            assert!(text.chars().all(|c| glyph(c).is_some()), "{text}");
+        }
+        let plain = line_chart(&series).unwrap();
+        let img = labelled_chart(&series, &labels).unwrap();
+        assert_eq!(plain.width(), W);
+        assert!(img.width() > W && img.height() > H);
+        // Each series' colour appears right of the plotting area (its legend swatch), in order
+        // from the top; nothing is drawn there without a legend.
+        let right = img.width() - RIGHT - (img.width() - W);
+        let rows_of = |c: [u8; 3]| -> Vec<u32> {
+            (0..img.height())
+                .filter(|&y| (right + 4..img.width()).any(|x| img.get_pixel(x, y) == &Rgb(c)))
+                .collect()
+        };
+        let (a, b) = (rows_of(PALETTE[0]), rows_of(PALETTE[1]));
+        assert!(!a.is_empty() && !b.is_empty());
+        assert!(a.iter().max() < b.iter().min());
+        // Ink (the names' letters) beside the swatches.
+        let ink = (right + 30..img.width())
+            .flat_map(|x| (0..img.height()).map(move |y| (x, y)))
+            .filter(|&(x, y)| img.get_pixel(x, y) == &Rgb([40, 40, 40]))
+            .count();
+        assert!(ink > 50, "{ink}");
     }
 }

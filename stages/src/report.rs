@@ -11,7 +11,7 @@ use latentflow_engine::{
 use serde_json::{json, Map, Value as Json};
 
 use crate::image::save_png;
-use crate::plot::{line_chart, Series, PALETTE};
+use crate::plot::{labelled_chart, Labels, Series, PALETTE};
 
 /// Running mean and variance (Welford), with extremes.
 #[derive(Clone, Debug, Default)]
@@ -158,6 +158,7 @@ pub struct CurveSink;
 
 struct CurveWriter {
     path: PathBuf,
+    labels: Labels,
     fields: Vec<String>,
     /// Per field, per position.
     stats: Vec<Vec<Stats>>,
@@ -177,6 +178,18 @@ impl SinkFactory for CurveSink {
                     ParamKind::String,
                     json!("curve.png"),
                     "PNG file, relative to the run folder (the JSON goes beside it)",
+                ),
+                ParamSpec::optional(
+                    "x_label",
+                    ParamKind::String,
+                    json!("index"),
+                    "title of the x axis",
+                ),
+                ParamSpec::optional(
+                    "y_label",
+                    ParamKind::String,
+                    json!("mean over records, std band"),
+                    "title of the y axis",
                 ),
             ],
         }
@@ -198,6 +211,14 @@ impl SinkFactory for CurveSink {
         let fields = params.strings("fields");
         Ok(Box::new(CurveWriter {
             path: out_dir.join(params.str("path").unwrap_or("curve.png")),
+            labels: Labels {
+                x: params.str("x_label").unwrap_or("index").to_string(),
+                y: params
+                    .str("y_label")
+                    .unwrap_or("mean over records, std band")
+                    .to_string(),
+                names: fields.clone(),
+            },
             stats: vec![Vec::new(); fields.len()],
             fields,
         }))
@@ -244,7 +265,7 @@ impl Sink for CurveWriter {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        if let Some(img) = line_chart(&series) {
+        if let Some(img) = labelled_chart(&series, &self.labels) {
             save_png(&img, &self.path)?;
             written.push(self.path.clone());
         }

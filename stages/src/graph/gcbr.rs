@@ -67,7 +67,7 @@ use super::agent::{
 use super::retrain::ClassifierSettings;
 use super::{Graph, GraphFields, Rng};
 use crate::image::save_png;
-use crate::plot::{line_chart, Series, PALETTE};
+use crate::plot::{labelled_chart, Labels, Series, PALETTE};
 
 /// Factory of the `gcbr` stage.
 pub struct GcbrStage;
@@ -949,7 +949,20 @@ impl Gcbr {
                 });
             }
         }
-        if let Some(img) = line_chart(&series) {
+        let mut names = vec![
+            "episodes: val macro-F1".to_string(),
+            "episodes: imbalance".into(),
+        ];
+        if v.len() > 1 {
+            names.push("validation: macro-F1".into());
+            names.push("validation: imbalance".into());
+        }
+        let labels = Labels {
+            x: "training round".into(),
+            y: "moving mean over 10 rounds".into(),
+            names,
+        };
+        if let Some(img) = labelled_chart(&series, &labels) {
             save_png(&img, &dir.join("training.png"))?;
         }
         let last = h.len().saturating_sub(settings.episodes);
@@ -1026,6 +1039,7 @@ impl Gcbr {
         let mut agents_doc = Map::new();
         let mut curves_doc = Map::new();
         let mut series = Vec::new();
+        let mut names = Vec::new();
         for (ai, (name, spec)) in agents.iter().enumerate() {
             let runs_of: Vec<&LabelRun> = jobs
                 .iter()
@@ -1063,6 +1077,7 @@ impl Gcbr {
                 .map(|t| mean_std(&runs_of.iter().map(|x| x.curve[t]).collect::<Vec<_>>()))
                 .collect();
             let colour = PALETTE[ai % PALETTE.len()];
+            names.push(name.clone());
             series.push(Series {
                 points: curve
                     .iter()
@@ -1172,7 +1187,12 @@ impl Gcbr {
             }),
         )?;
         write_json(&dir.join("curves.json"), &Json::Object(curves_doc))?;
-        if let Some(img) = line_chart(&series) {
+        let labels = Labels {
+            x: "labels used".into(),
+            y: "test macro-F1 (mean, std band)".into(),
+            names,
+        };
+        if let Some(img) = labelled_chart(&series, &labels) {
             save_png(&img, &dir.join("curves.png"))?;
         }
         Ok(())
