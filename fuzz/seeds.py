@@ -266,6 +266,22 @@ def graph_tu():
     put("graph_tu", "bad-indicator", bytes([0x04]) + "\0".join([small[0], "1\n3\n", "0\n"]).encode())
 
 
+def graph_regressions():
+    """Inputs of the graph loader crashes fixed so far: each is now an error."""
+    for name, cols in [("regress-npz-overflow-cols", 2**62), ("regress-npz-huge-cols", 2**40)]:
+        g = small_graph(np.int64, np.int64, True, False)
+        g["attr_shape"] = np.array([g["attr_shape"][0], cols], np.int64)
+        put("graph_npz", name, bytes([0x01, 0x00]) + npz_bytes(g))
+    a = "1, 2\n2, 1\n"
+    put("graph_tu", "regress-tu-indicator-zero", bytes([0x04]) + "\0".join([a, "0\n0\n", "1\n"]).encode())
+    for name, labels in [
+        ("regress-tu-label-width-overflow", "0\n9223372036854775807\n"),
+        ("regress-tu-label-width-overflow2", "-9223372036854775808\n0\n"),
+        ("regress-tu-label-width-huge", "0\n4000000000\n"),
+    ]:
+        put("graph_tu", name, bytes([0x05]) + "\0".join([a, "1\n1\n", "1\n", labels]).encode())
+
+
 def graph_csv():
     edges = "source,target\na,b\nb,c\nc,d\nd,a\na,c\n"
     feats = "id,f1,f2,f3\na,1,0,0\nb,0,1,0\nc,0,0,1\nd,1,1,0\ne,0.5,0.5,0\n"
@@ -291,6 +307,7 @@ if __name__ == "__main__":
     graph_npz()
     graph_tu()
     graph_csv()
+    graph_regressions()
     for t in sorted(os.listdir(OUT)):
         files = os.listdir(os.path.join(OUT, t))
         size = sum(os.path.getsize(os.path.join(OUT, t, f)) for f in files)
