@@ -2,23 +2,29 @@
 //! `policy`, `retrain`, `oracle`, `agent`, `gcbr`): the state features and PageRank against a
 //! direct numpy computation, the actor and critic gradients against finite differences, the
 //! restricted classifier step against the whole-graph GCN, labelling runs (seeded, within the
-//! pool, the budget spent, baselines doing what they say), training that gives the same policy
-//! for any thread count and after a resume, and both pipelines end to end.
+//! pool, the budget spent, baselines doing what they say), labelling with a person's answers
+//! from files (the truth oracle's runs when the answers are true, resumed after a stop),
+//! training that gives the same policy for any thread count and after a resume, and both
+//! pipelines end to end.
 //!
 //! Tests on Cora and CiteSeer need the shared data (`../shared/data`, or
 //! `LATENTFLOW_SHARED_DATA`); without it they say so and pass without checking anything.
 
 mod common;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use latentflow_stages::graph::agent::{
-    count_std, imbalance_ratio, label, Agent, Checkpoint, EpisodeSplit, LabelSettings, Problem,
-    TrainSettings, Trainer, Variant,
+    count_std, imbalance_ratio, label, Agent, Checkpoint, EpisodeSplit, LabelOracle, LabelRun,
+    LabelSettings, Problem, TrainSettings, Trainer, Variant,
 };
 use latentflow_stages::graph::gcn::{self, GcnInput, GcnParams};
 use latentflow_stages::graph::load::{load, Input, LoadOptions, SplitMode};
+use latentflow_stages::graph::oracle::FileOracle;
 use latentflow_stages::graph::pagerank::{pagerank, pagerank_feature};
 use latentflow_stages::graph::policy::{
     actor_loss_and_grad, critic_loss_and_grad, pool_softmax, ActorSample, PolicyNet,
@@ -474,6 +480,146 @@ fn labelling_runs_are_seeded_and_spend_the_budget() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Labelling with answers from files.
+
+/// The nodes of a file oracle's queries, in order.
+fn queried(o: &FileOracle) -> Vec<usize> {
+    std::fs::read_to_string(o.queries_file())
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let q: Json = serde_json::from_str(l).unwrap();
+            q["node"].as_u64().unwrap() as usize
+        })
+        .collect()
+}
+
+/// Answers every query of `o` not answered yet with the true label, as a careful person
+/// would; the number of answers written.
+fn answer_from_truth(o: &FileOracle, truth: &[i64], done: &mut HashSet<usize>) -> usize {
+    let mut lines = String::new();
+    for node in queried(o) {
+        if done.insert(node) {
+            lines.push_str(&format!("{node},{}\n", truth[node]));
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(o.answers_file())
+        .unwrap();
+    std::io::Write::write_all(&mut f, lines.as_bytes()).unwrap();
+    lines.lines().count()
+}
+
+/// Everything of a labelling run but its wall time.
+fn outcome(r: &LabelRun) -> Json {
+    let mut j = serde_json::to_value(r).unwrap();
+    j.as_object_mut().unwrap().remove("seconds");
+    j
+}
+
+#[test]
+fn a_file_oracle_answered_with_the_truth_repeats_the_truth_runs() {
+    let Some(graphs) = graphs_dir() else { return };
+    let g = planetoid(&graphs, "cora");
+    let p = Problem::new(&g).unwrap();
+    let split = EpisodeSplit::standard(&p).unwrap();
+    let truth = LabelSettings {
+        budget: 12,
+        oracle_cost: 0.5,
+        ..Default::default()
+    };
+    let dir = scratch("gcbr-file-oracle");
+    let oracle = FileOracle::open(&dir, p.classes)
+        .unwrap()
+        .with_timeout(Duration::from_secs(120))
+        .with_poll(Duration::from_millis(5))
+        .with_cost(0.5);
+    let by_file = LabelSettings {
+        oracle: LabelOracle::File(oracle.clone()),
+        ..truth.clone()
+    };
+
+    // A person answering every query as it appears, on a thread of their own.
+    let stop = AtomicBool::new(false);
+    let (expected, got) = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let mut done = HashSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                answer_from_truth(&oracle, &p.truth, &mut done);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let mut expected = Vec::new();
+        let mut got = Vec::new();
+        for agent in [Agent::Entropy, Agent::Random] {
+            expected.push(label(&p, &split, &agent, &truth, 7).unwrap());
+            got.push(label(&p, &split, &agent, &by_file, 7));
+        }
+        stop.store(true, Ordering::Relaxed);
+        (expected, got)
+    });
+    let mut picked = HashSet::new();
+    for (e, g) in expected.iter().zip(got) {
+        let g = g.unwrap();
+        assert_eq!(outcome(e), outcome(&g), "same answers, same run");
+        assert_eq!((g.queries, g.cost), (12, 6.0));
+        picked.extend(g.picks);
+    }
+    // Each node was asked once, though both agents needed some of them.
+    let asked = queried(&oracle);
+    assert_eq!(asked.len(), picked.len());
+    assert_eq!(asked.iter().copied().collect::<HashSet<_>>(), picked);
+}
+
+#[test]
+fn a_labelling_run_stopped_for_an_answer_resumes_when_rerun() {
+    let Some(graphs) = graphs_dir() else { return };
+    let g = planetoid(&graphs, "cora");
+    let p = Problem::new(&g).unwrap();
+    let split = EpisodeSplit::standard(&p).unwrap();
+    let truth = LabelSettings {
+        budget: 8,
+        ..Default::default()
+    };
+    let expected = label(&p, &split, &Agent::Entropy, &truth, 2).unwrap();
+
+    let dir = scratch("gcbr-file-oracle-resume");
+    let mut done = HashSet::new();
+    let mut attempts = 0;
+    let run = loop {
+        attempts += 1;
+        assert!(attempts <= 20, "the runs do not get further");
+        // Each attempt opens the folder afresh, as a rerun of the pipeline does.
+        let oracle = FileOracle::open(&dir, p.classes)
+            .unwrap()
+            .with_timeout(Duration::ZERO);
+        let settings = LabelSettings {
+            oracle: LabelOracle::File(oracle.clone()),
+            ..truth.clone()
+        };
+        match label(&p, &split, &Agent::Entropy, &settings, 2) {
+            Ok(run) => break run,
+            Err(e) => {
+                // The run stopped at the node asked last, and says where to answer it.
+                let node = *queried(&oracle).last().unwrap();
+                let file = oracle.answers_file().display().to_string();
+                assert!(
+                    e.contains(&format!("node {node} has no label")) && e.contains(&file),
+                    "{e}"
+                );
+                assert!(e.contains("run again"), "{e}");
+                assert_eq!(answer_from_truth(&oracle, &p.truth, &mut done), 1);
+            }
+        }
+    };
+    // One stop per pick, then the whole run, which is the truth oracle's.
+    assert_eq!(attempts, 9);
+    assert_eq!(outcome(&run), outcome(&expected));
+    assert_eq!(done.len(), 8);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Training.
 
 fn tiny_training(variant: Variant, episodes: usize) -> TrainSettings {
@@ -646,6 +792,95 @@ fn label_pipeline_runs_the_shipped_policies_on_citeseer() {
 }
 
 #[test]
+fn label_pipeline_with_a_person_answering_through_files() {
+    let Some(graphs) = graphs_dir() else { return };
+    let citeseer = planetoid(&graphs, "citeseer");
+    let truth = citeseer.labels.clone().unwrap();
+    let dir = scratch("gcbr-label-file");
+    let small = [
+        ("runs: 10", "runs: 2"),
+        ("budget: 120", "budget: 4"),
+        ("final_epochs: 100", "final_epochs: 10"),
+        (
+            "agents: [gcbr, gcbr_pp, random, entropy, pagerank]",
+            "agents: [entropy, random]",
+        ),
+    ];
+    let yaml = shipped("gcbr-label.yaml", &graphs, &small);
+    // Only the two agents' fields for the summary.
+    let cut = yaml.find("\nsinks:").unwrap();
+    let sink = "\nsinks:\n  - name: summary\n    kind: summary\n    params: {path: summary.json, \
+                fields: [entropy_micro_f1, random_micro_f1]}\n";
+    let yaml = format!("{}{sink}", &yaml[..cut]);
+    let by_file = yaml.replace(
+        "      mode: label\n",
+        "      mode: label\n      oracle: file\n      oracle_timeout_s: 0\n",
+    );
+    let p = write_pipeline(&dir, "truth.yaml", &yaml);
+    let out = dir.join("truth");
+    let o = latentflow(&["run", p.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let expected = json_file(&out.join("label/metrics.json"));
+
+    let p = write_pipeline(&dir, "file.yaml", &by_file);
+    let o = latentflow(&["validate", p.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = dir.join("file");
+    let folder = out.join("label/oracle");
+    let mut answered = HashSet::new();
+    let mut attempts = 0;
+    let metrics = loop {
+        attempts += 1;
+        assert!(attempts <= 10, "the runs do not get further");
+        let o = latentflow(&["run", p.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        if o.status.success() {
+            break json_file(&out.join("label/metrics.json"));
+        }
+        // The record failed, saying which node waits and where to answer.
+        assert!(text(&o).contains("1 failed"), "{}", text(&o));
+        let errors = std::fs::read_to_string(out.join("errors.jsonl")).unwrap();
+        let answers = folder.join("answers.csv").display().to_string();
+        assert!(
+            errors.contains("has no label yet") && errors.contains(&answers),
+            "{errors}"
+        );
+        // The person answers the batch of queries: each run's next node.
+        let queries = std::fs::read_to_string(folder.join("queries.jsonl")).unwrap();
+        let mut lines = String::from("# from the data set\n");
+        for q in queries.lines() {
+            let q: Json = serde_json::from_str(q).unwrap();
+            let node = q["node"].as_u64().unwrap() as usize;
+            assert!(q["degree"].is_u64() && q["predicted"].is_u64(), "{q}");
+            if answered.insert(node) {
+                lines.push_str(&format!("{node},{}\n", truth[node]));
+            }
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(folder.join("answers.csv"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, lines.as_bytes()).unwrap();
+    };
+    assert!(attempts > 1 && attempts <= 5, "{attempts} attempts");
+    assert_eq!(metrics["oracle_dir"], folder.display().to_string());
+    for agent in ["entropy", "random"] {
+        let (e, m) = (&expected["agents"][agent], &metrics["agents"][agent]);
+        for (a, b) in e["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(m["runs"].as_array().unwrap())
+        {
+            assert_eq!(a["picks"], b["picks"], "{agent}");
+            assert_eq!(a["counts"], b["counts"], "{agent}");
+            assert_eq!(a["macro_f1"], b["macro_f1"], "{agent}");
+        }
+        assert_eq!(e["micro_f1"], m["micro_f1"], "{agent}");
+    }
+    assert!(answered.len() <= 4 * 4, "{answered:?}");
+}
+
+#[test]
 fn train_pipeline_checkpoints_and_resumes() {
     let Some(graphs) = graphs_dir() else { return };
     let dir = scratch("gcbr-train");
@@ -743,4 +978,58 @@ fn validation_names_unknown_agents_and_broken_policies() {
         t.contains("broken.json") && t.contains("not a GCBR policy file"),
         "{t}"
     );
+}
+
+#[test]
+fn validation_explains_the_oracle_parameters() {
+    let dir = scratch("gcbr-validate-oracle");
+    let yaml = |params: &str| {
+        [
+            "name: v",
+            "sources:",
+            "  - {name: g, kind: synthetic, params: {count: 1, shape: [3, 2]}}",
+            "stages:",
+            "  - name: label",
+            "    kind: gcbr",
+            &format!("    params: {{{params}}}"),
+            "sinks:",
+            "  - {name: out, kind: jsonl, params: {fields: [x]}}",
+            "",
+        ]
+        .join("\n")
+    };
+    let cases = [
+        (
+            "agents: [random], oracle_dir: answers",
+            "`oracle_dir` is for oracle: file",
+        ),
+        (
+            "agents: [random], oracle_timeout_s: 10",
+            "`oracle_timeout_s` is for oracle: file",
+        ),
+        (
+            "mode: train, oracle: file",
+            "the file oracle is for mode: label",
+        ),
+        (
+            "agents: [random], oracle: file, oracle_noise: 0.1",
+            "`oracle_noise` is for oracle: truth",
+        ),
+        (
+            "agents: [random], oracle: file, oracle_poll_ms: 0",
+            "`oracle_poll_ms` must be at least 1",
+        ),
+        (
+            "agents: [random], oracle: file, oracle_timeout_s: -1",
+            "`oracle_timeout_s` must lie in",
+        ),
+        ("agents: [random], oracle: person", "person"),
+    ];
+    for (i, (params, expected)) in cases.iter().enumerate() {
+        let p = write_pipeline(&dir, &format!("{i}.yaml"), &yaml(params));
+        let o = latentflow(&["validate", "--no-models", p.to_str().unwrap()]);
+        assert!(!o.status.success(), "{params}");
+        let t = text(&o);
+        assert!(t.contains(expected), "{params}: {t}");
+    }
 }

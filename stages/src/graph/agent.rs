@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use super::gcn::GcnInput;
 use super::metrics::Scores;
-use super::oracle::{Oracle, TruthOracle};
+use super::oracle::{FileOracle, Hint, Oracle, TruthOracle};
 use super::pagerank::pagerank_feature;
 use super::policy::{
     actor_loss_and_grad, critic_loss_and_grad, pool_softmax, ActorSample, Adam64, PolicyNet,
@@ -350,6 +350,22 @@ impl<'p> Episode<'p> {
         })
     }
 
+    /// What a person answering about `node` may like to know: its neighbours (self loop aside)
+    /// and the classifier's class for it.
+    fn hint(&self, node: usize) -> Hint {
+        let adj = &self.problem.input.adjacency;
+        let mut best = (0, f32::NEG_INFINITY);
+        for (c, &p) in self.probs.row(node).iter().enumerate() {
+            if p > best.1 {
+                best = (c, p);
+            }
+        }
+        Hint {
+            degree: Some((adj.indptr[node + 1] - adj.indptr[node]).saturating_sub(1)),
+            prediction: Some(best),
+        }
+    }
+
     /// Labels `node`, retrains the classifier and scores it.
     pub fn pick(&mut self, node: usize) -> Result<Pick, String> {
         if self.done() {
@@ -358,7 +374,7 @@ impl<'p> Episode<'p> {
         if !self.candidate.get(node).copied().unwrap_or(false) {
             return Err(format!("node {node} is not an unlabelled candidate"));
         }
-        let answer = self.oracle.query(node)?;
+        let answer = self.oracle.query_with(node, &self.hint(node))?;
         if answer < 0 || answer as usize >= self.problem.classes {
             return Err(format!("the oracle answered {answer} for node {node}"));
         }
@@ -522,6 +538,20 @@ pub struct LabelSettings {
     pub oracle_noise: f64,
     /// Cost of one query.
     pub oracle_cost: f64,
+    /// Who answers.
+    pub oracle: LabelOracle,
+}
+
+/// Who answers the queries of labelling runs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum LabelOracle {
+    /// The graph's labels, with [`LabelSettings::oracle_noise`].
+    #[default]
+    Truth,
+    /// A person, through the files of a [`FileOracle`]. Each run asks its own
+    /// [`FileOracle::share`], so every run, whatever its agent or seed, gets the same answer
+    /// for a node.
+    File(FileOracle),
 }
 
 impl Default for LabelSettings {
@@ -532,6 +562,7 @@ impl Default for LabelSettings {
             cap: 20,
             oracle_noise: 0.0,
             oracle_cost: 1.0,
+            oracle: LabelOracle::Truth,
         }
     }
 }
@@ -566,7 +597,8 @@ pub struct LabelRun {
 }
 
 /// Labels a graph with `agent` until the budget is spent. `seed` fixes the classifier, the
-/// oracle's noise and the random agent.
+/// oracle's noise and the random agent. The picks also depend on the answers: with a file
+/// oracle, the same seed and the same answers give the same run.
 pub fn label(
     problem: &Problem,
     split: &EpisodeSplit,
@@ -575,18 +607,21 @@ pub fn label(
     seed: u64,
 ) -> Result<LabelRun, String> {
     let start = Instant::now();
-    let oracle = TruthOracle::new(
-        &problem.truth,
-        problem.classes,
-        settings.oracle_noise,
-        seed_of(&[seed, 1]),
-        settings.oracle_cost,
-    );
+    let oracle: Box<dyn Oracle + '_> = match &settings.oracle {
+        LabelOracle::Truth => Box::new(TruthOracle::new(
+            &problem.truth,
+            problem.classes,
+            settings.oracle_noise,
+            seed_of(&[seed, 1]),
+            settings.oracle_cost,
+        )),
+        LabelOracle::File(f) => Box::new(f.share()),
+    };
     let mut e = Episode::new(
         problem,
         split.clone(),
         &settings.classifier,
-        Box::new(oracle),
+        oracle,
         seed_of(&[seed, 2]),
         settings.budget,
         settings.cap,

@@ -37,6 +37,22 @@
 //!   `a_micro_f1_std`, `a_macro_f1_std`, `a_imbalance_std`; `a_counts` (`f32[classes]`, mean
 //!   labels per class).
 //!
+//!   The labels come from the oracle: `oracle: truth` (the default) answers with the graph's `y`,
+//!   wrong with probability `oracle_noise`; `oracle: file` asks a person through the files of a
+//!   [`FileOracle`] in `oracle_dir` (default `<dir>/oracle`; a relative folder is taken inside the
+//!   run's output folder, and `{key}` is replaced by the record's key). The person writes
+//!   `node,label` lines into `answers.csv` there (labels are class ids; `#` comments); each node
+//!   without an answer is written once to `queries.jsonl` (its query's number, the node, the time,
+//!   its degree and the classifier's predicted class and confidence), a log line names the node and
+//!   the file, and the run waits, reading `answers.csv` again every `oracle_poll_ms` (1000) when it
+//!   changed, for up to `oracle_timeout_s` (3600; 0 does not wait). Then the record fails with an
+//!   error naming the node and the file, and running the pipeline again into the same output folder
+//!   resumes: the seeded runs pick the same nodes, get the answers given so far from the file
+//!   without asking, and stop at the next node without an answer. Answers belong to nodes, so every
+//!   run and every agent shares them; with several runs or agents and timeout 0, each run writes
+//!   its next query before the record fails, and the person answers them as a batch. `metrics.json`
+//!   then also names `oracle_dir`.
+//!
 //! Training and labelling use separate classifier settings, as published: `hidden`,
 //! `final_epochs` and `cap` default to 128, 35 and 5 in `train` mode and to 64, 100 and 20 in
 //! `label` mode. Standard deviations are population deviations over runs.
@@ -48,10 +64,15 @@
 //!   operators at every step. Episodes run in parallel on `threads` threads of the worker that
 //!   holds the graph record (all cores by default); results do not depend on the count.
 //! - `dir` may contain `{key}`, replaced by the record's key, for pipelines with several
-//!   graphs; otherwise a second graph's files replace the first's.
+//!   graphs; otherwise a second graph's files replace the first's. The same holds for
+//!   `oracle_dir`, where a second graph would read the first one's answers.
+//! - The file oracle only replaces the answers: the candidates are still the nodes labelled
+//!   in `y`, and runs are still scored against `y`.
+// TODO: labelling a graph without ground truth (candidates from a mask, no test scores) needs
+// a label mode that does not score; with the file oracle alone, `y` must still be given.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use latentflow_engine::{
     Completion, DType, Dim, Failure, FieldType, KindInfo, ParamKind, ParamSpec, Params, Plan,
@@ -61,9 +82,10 @@ use ndarray::{Array1, ArrayD};
 use serde_json::{json, Map, Value as Json};
 
 use super::agent::{
-    label, Agent, Checkpoint, EpisodeSplit, LabelRun, LabelSettings, Problem, TrainSettings,
-    Trainer, Validation, Variant, BASELINES,
+    label, Agent, Checkpoint, EpisodeSplit, LabelOracle, LabelRun, LabelSettings, Problem,
+    TrainSettings, Trainer, Validation, Variant, BASELINES,
 };
+use super::oracle::FileOracle;
 use super::retrain::ClassifierSettings;
 use super::{Graph, GraphFields, Rng};
 use crate::image::save_png;
@@ -93,7 +115,16 @@ enum Job {
         seed: u64,
         random_split: Option<(usize, usize)>,
         sample: bool,
+        /// A person answers through files, instead of the ground truth.
+        file_oracle: Option<FileOracleJob>,
     },
+}
+
+/// How the file oracle waits; its folder is [`Gcbr::oracle_dir`].
+#[derive(Clone, Debug)]
+struct FileOracleJob {
+    timeout: Duration,
+    poll: Duration,
 }
 
 /// Validation of the policy while it trains.
@@ -171,6 +202,45 @@ fn config(params: &Params) -> Result<Config, Vec<PlanIssue>> {
     let seed = params.int("seed").unwrap_or(0) as u64;
     let oracle_noise = float("oracle_noise", 0.0, 0.0, 1.0, &mut issues);
     let oracle_cost = float("oracle_cost", 1.0, 0.0, f64::MAX, &mut issues);
+    let file_oracle = params.str("oracle") == Some("file");
+    if file_oracle {
+        if train {
+            issues.push(
+                PlanIssue::param("oracle", "the file oracle is for mode: label").hint(
+                    "a person cannot answer the thousands of queries of training; train with \
+                     oracle: truth (the default)",
+                ),
+            );
+        }
+        if oracle_noise > 0.0 {
+            issues.push(
+                PlanIssue::param("oracle_noise", "`oracle_noise` is for oracle: truth")
+                    .hint("a person's answers are used as given; remove oracle_noise"),
+            );
+        }
+        if params
+            .str("oracle_dir")
+            .is_some_and(|d| d.trim().is_empty())
+        {
+            issues.push(
+                PlanIssue::param("oracle_dir", "`oracle_dir` is empty")
+                    .hint("name a folder, or remove it for <dir>/oracle"),
+            );
+        }
+    } else {
+        for name in ["oracle_dir", "oracle_timeout_s", "oracle_poll_ms"] {
+            if params.get(name).is_some() {
+                issues.push(
+                    PlanIssue::param(name, format!("`{name}` is for oracle: file")).hint(
+                        "set oracle: file to have a person answer through files, or remove it",
+                    ),
+                );
+            }
+        }
+    }
+    // A year at most: Duration cannot hold every float.
+    let oracle_timeout = float("oracle_timeout_s", 3600.0, 0.0, 3.2e7, &mut issues);
+    let oracle_poll = int("oracle_poll_ms", 1000, 1, &mut issues);
     let val_size = int("val_size", 500, 1, &mut issues);
     let test_size = int("test_size", 1000, 1, &mut issues);
 
@@ -288,11 +358,16 @@ fn config(params: &Params) -> Result<Config, Vec<PlanIssue>> {
                 cap,
                 oracle_noise,
                 oracle_cost,
+                oracle: LabelOracle::Truth,
             },
             runs: int("runs", 10, 1, &mut issues),
             seed,
             random_split,
             sample: params.bool("sample").unwrap_or(false),
+            file_oracle: file_oracle.then(|| FileOracleJob {
+                timeout: Duration::try_from_secs_f64(oracle_timeout).unwrap_or_default(),
+                poll: Duration::from_millis(oracle_poll as u64),
+            }),
         }
     };
     if !issues.is_empty() {
@@ -431,10 +506,39 @@ impl StageFactory for GcbrStage {
                      label 20]",
                 ),
                 opt(
+                    "oracle",
+                    Choice(&["truth", "file"]),
+                    json!("truth"),
+                    "label: who answers: the graph's `y`, or a person through answers.csv and \
+                     queries.jsonl in `oracle_dir` (answers are shared by every run and agent)",
+                ),
+                opt(
+                    "oracle_dir",
+                    String,
+                    json!(null),
+                    "label, oracle: file: folder of answers.csv (`node,label` lines, the label \
+                     a class id, `#` comments) and queries.jsonl, inside the run folder if \
+                     relative; `{key}` is replaced by the record key [<dir>/oracle]",
+                ),
+                opt(
+                    "oracle_timeout_s",
+                    Float,
+                    json!(null),
+                    "label, oracle: file: seconds to wait for each answer before the record \
+                     fails; running again resumes where it stopped (0: do not wait) [3600]",
+                ),
+                opt(
+                    "oracle_poll_ms",
+                    Int,
+                    json!(null),
+                    "label, oracle: file: milliseconds between checks of answers.csv while \
+                     waiting [1000]",
+                ),
+                opt(
                     "oracle_noise",
                     Float,
                     json!(0.0),
-                    "probability that the oracle answers a wrong label",
+                    "probability that the oracle answers a wrong label (oracle: truth)",
                 ),
                 opt(
                     "oracle_cost",
@@ -731,10 +835,14 @@ impl StageFactory for GcbrStage {
         let out = cx
             .out_dir
             .join(c.dir.clone().unwrap_or_else(|| cx.name.clone()));
+        let oracle_dir = params
+            .str("oracle_dir")
+            .map_or_else(|| out.join("oracle"), |d| cx.out_dir.join(d));
         Ok(Box::new(Gcbr {
             config: c,
             policies,
             out,
+            oracle_dir,
         }))
     }
 }
@@ -745,6 +853,8 @@ struct Gcbr {
     /// The loaded policy of each agent (`None` for baselines), in agent order.
     policies: Vec<Option<(PathBuf, Checkpoint)>>,
     out: PathBuf,
+    /// The file oracle's folder (`{key}` not yet replaced).
+    oracle_dir: PathBuf,
 }
 
 fn threads(n: usize) -> usize {
@@ -782,6 +892,34 @@ impl Gcbr {
         Ok(dir)
     }
 
+    /// The labelling settings of a record: with the file oracle, opened on its folder.
+    fn label_settings(
+        &self,
+        key: &str,
+        problem: &Problem,
+        settings: &LabelSettings,
+        file_oracle: Option<&FileOracleJob>,
+    ) -> Result<LabelSettings, String> {
+        let Some(job) = file_oracle else {
+            return Ok(settings.clone());
+        };
+        let dir = PathBuf::from(self.oracle_dir.to_string_lossy().replace("{key}", key));
+        let oracle = FileOracle::open(&dir, problem.classes)?
+            .with_timeout(job.timeout)
+            .with_poll(job.poll)
+            .with_cost(settings.oracle_cost);
+        tracing::info!(
+            key,
+            answers = %oracle.answers_file().display(),
+            queries = %oracle.queries_file().display(),
+            "labelling with answers from a person"
+        );
+        Ok(LabelSettings {
+            oracle: LabelOracle::File(oracle),
+            ..settings.clone()
+        })
+    }
+
     fn run(&self, mut r: Record) -> Result<Record, String> {
         let g = Graph::from_record(&r, &self.config.fields)?;
         let problem = Problem::new(&g)?;
@@ -808,6 +946,7 @@ impl Gcbr {
                 seed,
                 random_split,
                 sample,
+                file_oracle,
             } => {
                 let split = match random_split {
                     Some((val, test)) => {
@@ -815,8 +954,10 @@ impl Gcbr {
                     }
                     None => EpisodeSplit::standard(&problem)?,
                 };
+                let settings =
+                    self.label_settings(&r.key, &problem, settings, file_oracle.as_ref())?;
                 self.label(
-                    &mut r, &problem, &split, &dir, agents, settings, *runs, *seed, *sample,
+                    &mut r, &problem, &split, &dir, agents, &settings, *runs, *seed, *sample,
                 )?
             }
         }
@@ -1168,9 +1309,7 @@ impl Gcbr {
                 Value::Tensor(Tensor::f32(counts_t)),
             );
         }
-        write_json(
-            &dir.join("metrics.json"),
-            &json!({
+        let mut metrics = json!({
                 "graph": r.key.as_ref(),
                 "budget": settings.budget,
                 "runs": runs,
@@ -1184,8 +1323,12 @@ impl Gcbr {
                 "oracle_noise": settings.oracle_noise,
                 "std": "population standard deviation over runs",
                 "agents": agents_doc,
-            }),
-        )?;
+        });
+        if let LabelOracle::File(f) = &settings.oracle {
+            let folder = f.answers_file().parent().unwrap_or(Path::new(""));
+            metrics["oracle_dir"] = json!(folder.display().to_string());
+        }
+        write_json(&dir.join("metrics.json"), &metrics)?;
         write_json(&dir.join("curves.json"), &Json::Object(curves_doc))?;
         let labels = Labels {
             x: "labels used".into(),
