@@ -27,6 +27,7 @@ pub fn builtin() -> Registry {
         .add_stage(graph::ClassifyStage)
         .add_stage(graph::embed::GnnEmbedStage)
         .add_stage(graph::GcbrStage)
+        .add_stage(graph::ReliefStage)
         .add_source(channels::LatentsSource)
         .add_stage(onnx::OnnxStage)
         .add_stage(channels::ChannelAwarenessStage)

@@ -39,6 +39,10 @@ pub mod metrics;
 pub mod oracle;
 pub mod pagerank;
 pub mod policy;
+pub mod relief;
+pub mod relief_baselines;
+pub mod relief_policy;
+pub mod relief_stage;
 pub mod retrain;
 pub mod state;
 pub mod subgraph;
@@ -49,6 +53,7 @@ use ndarray::{Array1, Array2, ArrayD, ArrayView2, IxDyn};
 pub use classify::ClassifyStage;
 pub use gcbr::GcbrStage;
 pub use load::GraphLoadSource;
+pub use relief_stage::ReliefStage;
 
 // ---------------------------------------------------------------------------------------------
 // Sparse matrices.
