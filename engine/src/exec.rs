@@ -8,8 +8,10 @@
 //! - **Pacing.** Worker `w` of `n` reads the records with `seq % n == w`. Before it sends epoch
 //!   `e` it waits until the probe at the sinks has passed epoch `e - max_in_flight`, so at most
 //!   `max_in_flight` epochs are in memory whatever the input's size.
-//! - **Exchange.** Records leaving a source are exchanged by a hash of their key, so every
-//!   worker gets a share of the work whatever the source's layout.
+//! - **Exchange.** Records leaving a source go to worker `seq % n`: a record stays on the
+//!   worker that read it, and a source that produces all its records on one worker has them
+//!   dealt out in turn. Every worker gets the same share of each epoch (a hash of the key left
+//!   some workers idle while others finished their larger shares).
 //! - **Stages** are unary operators that hand each received batch to the stage. A stage may
 //!   answer later ([`Completion::Pending`]); the operator keeps the batch's capabilities and
 //!   emits results in arrival order, woken by the stage through a `SyncActivator`.
@@ -30,7 +32,6 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::path::{Path as FsPath, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
@@ -156,12 +157,6 @@ pub struct RunSummary {
     pub out_dir: PathBuf,
     /// The errors file, if any record failed.
     pub errors_file: Option<PathBuf>,
-}
-
-fn key_hash(key: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    h.finish()
 }
 
 fn timely_config(opts: &RunOptions) -> Result<timely::Config, RunError> {
@@ -802,7 +797,7 @@ fn run_worker(
         for (name, _, _) in &sources {
             let (handle, stream) = scope.new_input::<Record>();
             inputs.push(handle);
-            let stream = stream.exchange(|r: &Record| key_hash(&r.key));
+            let stream = stream.exchange(|r: &Record| r.seq);
             streams.insert(name.clone(), stream);
         }
         for node in &pipeline.nodes {

@@ -32,8 +32,9 @@ const RIGHT: u32 = 16;
 const TOP: u32 = 16;
 const BOTTOM: u32 = 32;
 
-/// 3×5 glyphs, one row per `u16` nibble-triplet: bit 14 is the top-left pixel.
-fn glyph(c: char) -> Option<u16> {
+/// 3×5 glyphs, one row per `u16` nibble-triplet: bit 14 is the top-left pixel. Lower-case
+/// letters are drawn as capitals, but for `e`, the small exponent of tick labels.
+pub(crate) fn glyph(c: char) -> Option<u16> {
     Some(match c {
         '0' => 0b111_101_101_101_111,
         '1' => 0b010_110_010_010_111,
@@ -59,6 +60,8 @@ fn glyph(c: char) -> Option<u16> {
         '=' => 0b000_111_000_111_000,
         ',' => 0b000_000_000_010_100,
         ';' => 0b000_010_000_010_100,
+        '>' => 0b100_010_001_010_100,
+        '\'' => 0b010_010_000_000_000,
         'A' => 0b010_101_111_101_101,
         'B' => 0b110_101_110_101_110,
         'C' => 0b011_100_100_100_011,
