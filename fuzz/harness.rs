@@ -301,6 +301,97 @@ pub fn graph_csv(data: &[u8]) {
     graph_load(values, graph_options(data[0], data[1]), &dir);
 }
 
+/// `data` as a gzip file of stored (uncompressed) deflate blocks: a valid stream without a
+/// compressor, so the fuzzer's text mutations reach the parsers behind the decoder.
+pub fn gzip_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    if data.is_empty() {
+        out.extend([1, 0, 0, 0xff, 0xff]);
+    }
+    let mut blocks = data.chunks(0xffff).peekable();
+    while let Some(block) = blocks.next() {
+        out.push(u8::from(blocks.peek().is_none()));
+        let len = block.len() as u16;
+        out.extend(len.to_le_bytes());
+        out.extend((!len).to_le_bytes());
+        out.extend(block);
+    }
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    out.extend((!crc).to_le_bytes());
+    out.extend((data.len() as u32).to_le_bytes());
+    out
+}
+
+/// An OGB node property folder through the `graph-load` source. Bytes 0-1: graph options;
+/// byte 2: bit 0 gzips every text file (`NAME.csv.gz`, stored blocks), bit 1 writes
+/// `raw/node-feat`, bit 2 `raw/num-edge-list`, bit 3 the split files under `split/main/`, bit 4
+/// adds an empty `split/extra/` folder, bit 5 sets `ogb_split: main`, bit 6 writes the edge
+/// part verbatim as `raw/edge.csv.gz` (arbitrary, usually corrupt, gzip bytes), bit 7 leaves
+/// `format` at auto. Then the texts of `node-feat`, `node-label`, `num-node-list`,
+/// `num-edge-list`, `train`, `valid`, `test` and `edge`, separated by NUL bytes; the edge part
+/// is last and runs to the end, so verbatim gzip bytes may hold NULs. A missing part leaves
+/// its file out.
+pub fn graph_ogb(data: &[u8]) {
+    if data.len() < 3 {
+        return;
+    }
+    let opts = data[2];
+    let root = fresh_dir("ogb");
+    let dir = root.join("ogbn_fuzz");
+    let raw = dir.join("raw");
+    let main = dir.join("split").join("main");
+    std::fs::create_dir_all(&raw).expect("OGB raw folder");
+    let put = |folder: &Path, name: &str, text: &[u8], gzip: bool| {
+        if gzip {
+            write(&folder.join(format!("{name}.csv.gz")), &gzip_stored(text));
+        } else {
+            write(&folder.join(format!("{name}.csv")), text);
+        }
+    };
+    let gzip = opts & 1 != 0;
+    let p: Vec<&[u8]> = data[3..].splitn(8, |&b| b == 0).collect();
+    let files = [
+        (&raw, "node-feat", opts & 2 != 0),
+        (&raw, "node-label", true),
+        (&raw, "num-node-list", true),
+        (&raw, "num-edge-list", opts & 4 != 0),
+        (&main, "train", opts & 8 != 0),
+        (&main, "valid", opts & 8 != 0),
+        (&main, "test", opts & 8 != 0),
+    ];
+    for ((folder, name, wanted), text) in files.iter().zip(&p) {
+        if *wanted {
+            std::fs::create_dir_all(folder).expect("OGB folder");
+            put(folder, name, text, gzip);
+        }
+    }
+    if let Some(edges) = p.get(7) {
+        if opts & 64 != 0 {
+            write(&raw.join("edge.csv.gz"), edges);
+        } else {
+            put(&raw, "edge", edges, gzip);
+        }
+    }
+    if opts & 16 != 0 {
+        std::fs::create_dir_all(dir.join("split").join("extra")).expect("OGB split folder");
+    }
+    let mut values = Map::new();
+    values.insert("path".into(), json!("ogbn_fuzz"));
+    if opts & 128 == 0 {
+        values.insert("format".into(), json!("ogb"));
+    }
+    if opts & 32 != 0 {
+        values.insert("ogb_split".into(), json!("main"));
+    }
+    graph_load(values, graph_options(data[0], data[1]), &root);
+}
+
 /// A harness function: arbitrary bytes in, nothing out.
 pub type Target = fn(&[u8]);
 
@@ -313,4 +404,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("graph_npz", graph_npz),
     ("graph_tu", graph_tu),
     ("graph_csv", graph_csv),
+    ("graph_ogb", graph_ogb),
 ];

@@ -298,6 +298,47 @@ def graph_csv():
     put("graph_csv", "unknown-node", bytes([0x01, 0x00]) + "\0".join(["1,9\n", sfeat]).encode())
 
 
+def graph_ogb():
+    """OGB folders: option bytes 0-1 as for the other graph targets, byte 2 the folder's
+    layout (see harness.rs); then node-feat, node-label, num-node-list, num-edge-list, train,
+    valid, test and (last, running to the end) edge."""
+    import gzip
+
+    def seed(name, b0, b1, layout, parts):
+        data = [p if isinstance(p, bytes) else p.encode() for p in parts]
+        put("graph_ogb", name, bytes([b0, b1, layout]) + b"\0".join(data))
+
+    feat = "1.0,0.0,0.5\n0.0,2.0,0.0\n-1.5,0.0,0.0\n0.25,0.25,0.25\n0,0,1e-3\n3,4,5\n"
+    label = "0\n1\n\n1\nnan\n0\n"
+    edge = "0,1\n1,2\n2,3\n3,4\n4,5\n5,0\n1,3\n"
+    split = ["0\n3\n", "1\n", "5\n"]
+    full = [feat, label, "6\n", "7\n"] + split + [edge]
+    # Every file, plain and gzipped (stored blocks), standard split through auto and standard.
+    seed("plain", 0x01, 0x00, 0x0E, full)
+    seed("gzip", 0x09, 0x00, 0x0F, full)
+    seed("auto-format", 0x03, 0x00, 0x8E, full)
+    seed("no-features", 0x01, 0x00, 0x0C, full)
+    seed("random-split", 0x31, 0x11, 0x02, ["1,0\n0,1\n1,1\n0,0\n", "0\n1\n0\n1\n", "4\n",
+                                           "", "", "", "", "0,1\n2,3\n"])
+    seed("two-splits-picked", 0x09, 0x00, 0x3E, full)
+    seed("two-splits-unpicked", 0x09, 0x00, 0x1E, full)
+    # Pandas' float labels, a real deflate stream, its truncation, and a concatenation.
+    seed("float-labels", 0x01, 0x00, 0x08, ["", "0.0\n2.0\n\n", "3\n", "", "0\n", "1\n", "1\n",
+                                           "0,1\n1,2\n"])
+    deflated = gzip.compress(edge.encode(), mtime=0)
+    seed("deflate-edges", 0x01, 0x00, 0x4E, full[:7] + [deflated])
+    seed("deflate-truncated", 0x01, 0x00, 0x4E, full[:7] + [deflated[: len(deflated) - 9]])
+    seed("deflate-members", 0x01, 0x00, 0x4E, full[:7] + [deflated + gzip.compress(b"2,5\n")])
+    # Broken files: each an error naming the file and line.
+    seed("edge-out-of-range", 0x01, 0x00, 0x06, full[:7] + ["0,1\n1,6\n"])
+    seed("ragged-features", 0x01, 0x00, 0x06, ["1,2\n3\n"] + full[1:])
+    seed("multi-label", 0x01, 0x00, 0x04, ["", "0,1\n1,0\n", "2\n", "", "", "", "", "0,1\n"])
+    seed("count-too-small", 0x01, 0x00, 0x0E, [feat, label, "4\n"] + full[3:])
+    seed("count-huge", 0x01, 0x00, 0x00, ["", "0\n", "1000000000000\n", "", "", "", "", "0,0\n"])
+    seed("split-out-of-range", 0x09, 0x00, 0x0E, full[:4] + ["0\n9\n"] + full[5:])
+    seed("missing-edges", 0x01, 0x00, 0x0E, full[:7])
+
+
 if __name__ == "__main__":
     shutil.rmtree(OUT, ignore_errors=True)
     pipelines()
@@ -307,6 +348,7 @@ if __name__ == "__main__":
     graph_npz()
     graph_tu()
     graph_csv()
+    graph_ogb()
     graph_regressions()
     for t in sorted(os.listdir(OUT)):
         files = os.listdir(os.path.join(OUT, t))

@@ -91,7 +91,8 @@ fn every_target_has_a_test() {
             "image",
             "graph_npz",
             "graph_tu",
-            "graph_csv"
+            "graph_csv",
+            "graph_ogb"
         ],
         "a new target needs a replay test below"
     );
@@ -130,4 +131,9 @@ fn graph_tu() {
 #[test]
 fn graph_csv() {
     replay("graph_csv");
+}
+
+#[test]
+fn graph_ogb() {
+    replay("graph_ogb");
 }

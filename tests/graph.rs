@@ -846,6 +846,551 @@ fn broken_files_fail_validation_at_the_parameter() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// OGB folders.
+
+/// `data` as a gzip file of stored (uncompressed) deflate blocks, with its CRC-32: a valid
+/// stream written without a compressor (the Cora test below reads Python's real deflate).
+fn gzip_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    if data.is_empty() {
+        out.extend([1, 0, 0, 0xff, 0xff]);
+    }
+    let mut blocks = data.chunks(0xffff).peekable();
+    while let Some(block) = blocks.next() {
+        out.push(u8::from(blocks.peek().is_none()));
+        let len = block.len() as u16;
+        out.extend(len.to_le_bytes());
+        out.extend((!len).to_le_bytes());
+        out.extend(block);
+    }
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    out.extend((!crc).to_le_bytes());
+    out.extend((data.len() as u32).to_le_bytes());
+    out
+}
+
+/// A four-node OGB folder: two features, node 1 and 2 unlabelled (empty, `nan`), a duplicate
+/// edge, the counts, and the standard split in `split/main/`.
+const OGB_TINY: &[(&str, &str)] = &[
+    ("raw/edge", "0,1\n1,2\n2,0\n2,0\n"),
+    ("raw/node-feat", "1,0\n0,2\n0.5,0.5\n0,0\n"),
+    ("raw/node-label", "1\n\nnan\n0\n"),
+    ("raw/num-node-list", "4\n"),
+    ("raw/num-edge-list", "4\n"),
+    ("split/main/train", "0\n3\n"),
+    ("split/main/valid", "1\n"),
+    ("split/main/test", "2\n"),
+];
+
+/// Writes an OGB folder `dir/ogbn_tiny` from `(path without .csv, text)` pairs, each file as
+/// `.csv` or (with `gzip`) as `.csv.gz`.
+fn ogb_folder(dir: &Path, files: &[(&str, &str)], gzip: bool) -> PathBuf {
+    let d = dir.join("ogbn_tiny");
+    let _ = std::fs::remove_dir_all(&d);
+    for (name, text) in files {
+        let p = d.join(format!("{name}.csv{}", if gzip { ".gz" } else { "" }));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let bytes = if gzip {
+            gzip_stored(text.as_bytes())
+        } else {
+            text.as_bytes().to_vec()
+        };
+        std::fs::write(p, bytes).unwrap();
+    }
+    d
+}
+
+/// `OGB_TINY` with the file `name` replaced by `text` (left out where `text` is `None`).
+fn ogb_with(dir: &Path, name: &str, text: Option<&str>, gzip: bool) -> Input {
+    let mut files: Vec<(&str, &str)> = OGB_TINY
+        .iter()
+        .filter(|(n, _)| *n != name)
+        .copied()
+        .collect();
+    if let Some(t) = text {
+        files.push((name, t));
+    }
+    Input::Ogb {
+        dir: ogb_folder(dir, &files, gzip),
+        split: None,
+    }
+}
+
+/// numpy/SciPy: writes Cora's `.npz` as an OGB folder (every file gzipped by Python's gzip;
+/// the standard split as `split/planetoid/`) and prints its counts.
+const OGB_WRITER: &str = r#"
+import gzip, json, os, sys
+import numpy as np, scipy.sparse as sp
+src, out = sys.argv[1], sys.argv[2]
+d = np.load(src)
+a = sp.csr_matrix((np.ones(len(d["adj_indices"])), d["adj_indices"], d["adj_indptr"]),
+                  shape=tuple(d["adj_shape"])).tocoo()
+x = sp.csr_matrix((d["attr_data"], d["attr_indices"], d["attr_indptr"]),
+                  shape=tuple(d["attr_shape"])).toarray().astype(np.float32)
+y = d["labels"].astype(np.int64)
+def put(rel, lines):
+    p = os.path.join(out, rel)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    with gzip.open(p, "wt") as f:
+        f.write("".join(f"{l}\n" for l in lines))
+put("raw/edge.csv.gz", [f"{s},{t}" for s, t in zip(a.row, a.col)])
+np.savetxt(os.path.join(out, "raw/node-feat.csv.gz"), x, fmt="%.9g", delimiter=",")
+put("raw/node-label.csv.gz", [str(v) if v >= 0 else "" for v in y])
+put("raw/num-node-list.csv.gz", [x.shape[0]])
+put("raw/num-edge-list.csv.gz", [len(a.row)])
+for name, key in [("train", "idx_train"), ("valid", "idx_val"), ("test", "idx_test")]:
+    put(f"split/planetoid/{name}.csv.gz", d[key].tolist())
+print(json.dumps({"nodes": int(x.shape[0]), "edges": int(len(a.row)),
+                  "feature_nnz": int((x != 0).sum()), "train": len(d["idx_train"])}))
+"#;
+
+#[test]
+fn ogb_cora_matches_the_npz() {
+    let Some(graphs) = graphs_dir() else { return };
+    let dir = scratch("graph-ogb-cora").join("cora_ogb");
+    let npz = graphs.join("cora.planetoid.npz");
+    let r = run_python(OGB_WRITER, &[npz.to_str().unwrap(), dir.to_str().unwrap()]);
+    assert!(dir.join("raw/edge.csv.gz").is_file());
+    assert!(!dir.join("raw/edge.csv").exists());
+    for symmetrise in [false, true] {
+        let opts = LoadOptions {
+            symmetrise,
+            split: SplitMode::Standard,
+            ..Default::default()
+        };
+        let want = node_graph(Input::Npz(npz.clone()), &opts);
+        let ogb = Input::Ogb {
+            dir: dir.clone(),
+            split: None,
+        };
+        let d = load_ok(ogb, &opts);
+        assert_eq!(d.name, "cora_ogb");
+        let got = &d.graphs[0];
+        assert_eq!(got.num_nodes, want.num_nodes);
+        assert_eq!(got.num_nodes as u64, r["nodes"].as_u64().unwrap());
+        assert_eq!(got.features, want.features, "symmetrise: {symmetrise}");
+        assert_eq!(
+            got.features.nnz() as u64,
+            r["feature_nnz"].as_u64().unwrap()
+        );
+        assert_eq!(got.edges, want.edges, "symmetrise: {symmetrise}");
+        assert_eq!(got.labels, want.labels);
+        assert_eq!(got.split, want.split);
+        assert_eq!(got.split.as_ref().unwrap().train.len(), 140);
+    }
+    // Stored as written: Cora's 10556 directed entries, one line each.
+    assert_eq!(r["edges"].as_u64(), Some(10556));
+
+    // The source detects the folder and gives the same record as for the .npz.
+    let params = |path: &Path| {
+        let mut m = serde_json::Map::new();
+        m.insert("path".into(), json!(path.display().to_string()));
+        Params::new(m, "/").with_defaults(&GraphLoadSource.info().params)
+    };
+    let p = params(&dir);
+    let schema = GraphLoadSource.plan(&p).unwrap();
+    assert_eq!(schema["x"].to_string(), "tensor<f32>[nodes, 1433]");
+    assert_eq!(schema["train_mask"].to_string(), "tensor<i64>[nodes]");
+    let src = GraphLoadSource.open(&p).unwrap();
+    let records: Vec<_> = src.read(0, 1).map(|r| r.unwrap()).collect();
+    assert_eq!(records.len(), 1);
+    assert_eq!(&*records[0].key, "cora_ogb");
+    let from_ogb = Graph::from_record(&records[0], &GraphFields::default()).unwrap();
+    let from_npz = node_graph(Input::Npz(npz), &LoadOptions::default());
+    assert_eq!(from_ogb.edges, from_npz.edges);
+    assert_eq!(from_ogb.features, from_npz.features);
+    assert_eq!(from_ogb.labels, from_npz.labels);
+    assert_eq!(from_ogb.split, from_npz.split);
+}
+
+#[test]
+fn ogb_folders_read_plain_and_gzipped() {
+    let dir = scratch("graph-ogb");
+    for gzip in [false, true] {
+        let input = ogb_with(&dir, "", None, gzip);
+        let g = node_graph(input.clone(), &LoadOptions::default());
+        assert_eq!(g.num_nodes, 4, "gzip: {gzip}");
+        assert_eq!(
+            g.features.to_dense(),
+            ndarray::array![[1.0, 0.0], [0.0, 2.0], [0.5, 0.5], [0.0, 0.0]]
+        );
+        assert_eq!(g.labels, Some(vec![1, -1, -1, 0]));
+        // 0→1, 1→2, 2→0 (the duplicate dropped), both directions.
+        assert_eq!(
+            g.edges,
+            vec![(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]
+        );
+        assert_eq!(
+            g.split,
+            Some(Split {
+                train: vec![0, 3],
+                val: vec![1],
+                test: vec![2],
+            })
+        );
+        // OGB's direction as stored.
+        let directed = node_graph(
+            input,
+            &LoadOptions {
+                symmetrise: false,
+                ..Default::default()
+            },
+        );
+        assert_eq!(directed.edges, vec![(0, 1), (1, 2), (2, 0)]);
+    }
+
+    // Without node features every node gets the single feature 1.
+    let g = node_graph(
+        ogb_with(&dir, "raw/node-feat", None, true),
+        &LoadOptions::default(),
+    );
+    assert_eq!(g.features.to_dense(), Array2::<f32>::ones((4, 1)));
+
+    // An uncompressed file is read in preference to its gzipped twin.
+    let d = ogb_folder(&dir, OGB_TINY, true);
+    std::fs::write(d.join("raw/edge.csv"), "3,0\n").unwrap();
+    std::fs::write(d.join("raw/num-edge-list.csv"), "1\n").unwrap();
+    let opts = LoadOptions {
+        symmetrise: false,
+        ..Default::default()
+    };
+    let ogb = |split: Option<&str>| Input::Ogb {
+        dir: d.clone(),
+        split: split.map(String::from),
+    };
+    assert_eq!(node_graph(ogb(None), &opts).edges, vec![(3, 0)]);
+
+    // Pandas' float labels (a column with missing values) read as classes.
+    let g = node_graph(
+        ogb_with(&dir, "raw/node-label", Some("1.0\nnan\n\n0.0\n"), false),
+        &LoadOptions::default(),
+    );
+    assert_eq!(g.labels, Some(vec![1, -1, -1, 0]));
+
+    // Two split folders: `ogb_split` picks one; without it `auto` and `standard` refuse.
+    std::fs::create_dir_all(d.join("split/other")).unwrap();
+    let g = node_graph(ogb(Some("main")), &opts);
+    assert_eq!(g.split.unwrap().train, vec![0, 3]);
+    let e = load(&ogb(None), &opts).unwrap_err();
+    assert!(e.path.ends_with("split"), "{e}");
+    assert!(
+        e.message
+            .contains("several splits (main, other); pick one with `ogb_split`"),
+        "{e}"
+    );
+    let e = load(&ogb(Some("nope")), &opts).unwrap_err();
+    assert!(
+        e.message
+            .contains("no split folder `nope` (ogb_split); the folder holds main, other"),
+        "{e}"
+    );
+    // A random split reads no split folder.
+    let random = LoadOptions {
+        split: SplitMode::Random,
+        train_per_class: 1,
+        val_size: 0,
+        test_size: 0,
+        ..Default::default()
+    };
+    let g = node_graph(ogb(None), &random);
+    let s = g.split.unwrap();
+    assert_eq!(s.train, vec![0, 3]);
+    assert!(s.val.is_empty() && s.test.is_empty());
+
+    // No split folder: `auto` draws a random split, `standard` has none to use.
+    let no_split: Vec<(&str, &str)> = OGB_TINY
+        .iter()
+        .filter(|(n, _)| !n.starts_with("split/"))
+        .copied()
+        .collect();
+    let bare = Input::Ogb {
+        dir: ogb_folder(&dir, &no_split, false),
+        split: None,
+    };
+    let auto = LoadOptions {
+        split: SplitMode::Auto,
+        ..random.clone()
+    };
+    assert_eq!(
+        node_graph(bare.clone(), &auto).split.unwrap().train,
+        vec![0, 3]
+    );
+    let e = load(
+        &bare,
+        &LoadOptions {
+            split: SplitMode::Standard,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.message.contains("no standard split"), "{e}");
+}
+
+#[test]
+fn broken_ogb_folders_are_named_with_their_line() {
+    let dir = scratch("graph-ogb-broken");
+    for gzip in [false, true] {
+        let gz = if gzip { ".csv.gz" } else { ".csv" };
+        let file = |name: &str| format!("{name}{gz}");
+        let check =
+            |name: &str, text: Option<&str>, at: &str, line: Option<usize>, needle: &str| {
+                expect_error(&ogb_with(&dir, name, text, gzip), &file(at), line, needle);
+            };
+        check(
+            "raw/edge",
+            Some("0,1\n1,4\n"),
+            "raw/edge",
+            Some(2),
+            "node id 4 is outside 0..4 (the node count in",
+        );
+        check(
+            "raw/edge",
+            Some("0,1\n1\n"),
+            "raw/edge",
+            Some(2),
+            "expected `source,target`",
+        );
+        check(
+            "raw/edge",
+            Some("0,1\n-1,2\n"),
+            "raw/edge",
+            Some(2),
+            "node id -1 is outside",
+        );
+        check(
+            "raw/node-feat",
+            Some("1,0\n0\n0,0\n0,0\n"),
+            "raw/node-feat",
+            Some(2),
+            "1 values, but line 1 has 2",
+        );
+        check(
+            "raw/node-feat",
+            Some("1,0\n0,x\n0,0\n0,0\n"),
+            "raw/node-feat",
+            Some(2),
+            "value `x` in column 2 is not a number",
+        );
+        check(
+            "raw/node-feat",
+            Some("1,0\n0,0\n0,0\n0,0\n1,1\n"),
+            "raw/node-feat",
+            Some(5),
+            "a feature row for node 4 but",
+        );
+        check(
+            "raw/node-feat",
+            Some("1,0\n0,0\n0,0\n"),
+            "raw/num-node-list",
+            Some(1),
+            "4 nodes, but",
+        );
+        check(
+            "raw/node-label",
+            Some("1\ncat\n\n0\n"),
+            "raw/node-label",
+            Some(2),
+            "label `cat` is not a class number",
+        );
+        check(
+            "raw/node-label",
+            Some("1\n-2\n\n0\n"),
+            "raw/node-label",
+            Some(2),
+            "label `-2` is not a class number",
+        );
+        check(
+            "raw/node-label",
+            Some("1,0\n0,1\n1,1\n0,0\n"),
+            "raw/node-label",
+            Some(1),
+            "2 label columns: multi-label node labels (as in ogbn-proteins) are not supported",
+        );
+        check(
+            "raw/num-node-list",
+            Some("5\n"),
+            "raw/num-node-list",
+            Some(1),
+            "5 nodes, but",
+        );
+        check(
+            "raw/num-node-list",
+            Some("3\n"),
+            "raw/node-label",
+            Some(4),
+            "a label for node 3 but",
+        );
+        check(
+            "raw/num-node-list",
+            Some("4\n7\n"),
+            "raw/num-node-list",
+            Some(2),
+            "graph property datasets",
+        );
+        check(
+            "raw/num-edge-list",
+            Some("\n3\n"),
+            "raw/num-edge-list",
+            Some(2),
+            "3 edges, but",
+        );
+        check(
+            "split/main/test",
+            Some("2\n9\n"),
+            "split/main/test",
+            Some(2),
+            "node id 9 is outside 0..4",
+        );
+        expect_error(
+            &ogb_with(&dir, "split/main/train", Some("0\n1\n"), gzip),
+            "ogbn_tiny",
+            None,
+            "training node 1 has no label",
+        );
+        // A missing file is reported under the shipped (gzipped) name.
+        expect_error(
+            &ogb_with(&dir, "split/main/valid", None, gzip),
+            "split/main/valid.csv.gz",
+            None,
+            "missing: a split folder holds train",
+        );
+        expect_error(
+            &ogb_with(&dir, "raw/node-label", None, gzip),
+            "raw/node-label.csv.gz",
+            None,
+            "missing: an OGB node property folder needs",
+        );
+        expect_error(
+            &ogb_with(&dir, "raw/edge", None, gzip),
+            "raw/edge.csv.gz",
+            None,
+            "missing: an OGB node property folder needs raw/edge.csv.gz",
+        );
+    }
+
+    // Gzip streams: truncated, with a damaged checksum, or not gzip at all.
+    let d = ogb_folder(&dir, OGB_TINY, true);
+    let edge = d.join("raw/edge.csv.gz");
+    let whole = gzip_stored(b"0,1\n1,2\n2,0\n2,0\n");
+    let input = Input::Ogb {
+        dir: d.clone(),
+        split: None,
+    };
+    std::fs::write(&edge, &whole[..whole.len() - 12]).unwrap();
+    expect_error(
+        &input,
+        "raw/edge.csv.gz",
+        Some(4),
+        "the gzip stream is corrupt or truncated",
+    );
+    let mut bad_crc = whole.clone();
+    let at = bad_crc.len() - 8;
+    bad_crc[at] ^= 1;
+    std::fs::write(&edge, &bad_crc).unwrap();
+    expect_error(
+        &input,
+        "raw/edge.csv.gz",
+        Some(5),
+        "the gzip stream is corrupt or truncated",
+    );
+    std::fs::write(&edge, "0,1\n").unwrap();
+    expect_error(
+        &input,
+        "raw/edge.csv.gz",
+        Some(1),
+        "the gzip stream is corrupt or truncated",
+    );
+    std::fs::write(&edge, &whole).unwrap();
+    assert!(load(&input, &LoadOptions::default()).is_ok());
+
+    // 2^20 nodes of 257 features are more than graph stages hold densely (2^28 values): refused
+    // at the first feature row, before any row is stored.
+    let many = "\n".repeat(1 << 20);
+    let wide = format!("{}\n", vec!["0"; 257].join(","));
+    let mut files: Vec<(&str, &str)> = vec![
+        ("raw/edge", "0,1\n"),
+        ("raw/node-label", &many),
+        ("raw/num-node-list", "1048576\n"),
+        ("raw/node-feat", &wide),
+    ];
+    let big = |files: &[(&str, &str)]| Input::Ogb {
+        dir: ogb_folder(&dir, files, true),
+        split: None,
+    };
+    expect_error(
+        &big(&files),
+        "raw/node-feat.csv.gz",
+        Some(1),
+        "1048576 nodes x 257 features, 269484032 values, more than the 268435456",
+    );
+    // One feature per node fits; so does the constant feature without a feature file.
+    let rows = "0.5\n".repeat(1 << 20);
+    files[3] = ("raw/node-feat", &rows);
+    let no_split = LoadOptions {
+        split: SplitMode::None,
+        ..Default::default()
+    };
+    let g = node_graph(big(&files), &no_split);
+    assert_eq!(
+        (g.num_nodes, g.features.cols, g.features.nnz()),
+        (1 << 20, 1, 1 << 20)
+    );
+    let g = node_graph(big(&files[..3]), &no_split);
+    assert_eq!((g.features.cols, g.features.nnz()), (1, 1 << 20));
+}
+
+#[test]
+fn ogb_pipelines_validate() {
+    let dir = scratch("graph-ogb-validate");
+    let d = ogb_folder(&dir, OGB_TINY, true);
+    let pipeline = |name: &str, params: &str| {
+        write_pipeline(
+            &dir,
+            name,
+            &format!(
+                "name: ogb\nsources:\n  - name: g\n    kind: graph-load\n    params: {{path: {}, \
+                 {params}}}\nstages:\n  - name: c\n    kind: classify\nsinks:\n  - name: out\n    \
+                 kind: jsonl\n",
+                d.display()
+            ),
+        )
+    };
+    // `format: ogb`, and a folder with raw/edge.csv.gz found by `auto`.
+    for (name, params) in [
+        ("ogb.yaml", "format: ogb"),
+        ("auto.yaml", "split: standard"),
+    ] {
+        let p = pipeline(name, params);
+        let o = latentflow(&["validate", "--no-models", p.to_str().unwrap()]);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+    }
+    // A split folder that is not there is reported at `ogb_split`.
+    let p = pipeline("split.yaml", "format: ogb, ogb_split: nope");
+    let o = latentflow(&["validate", "--no-models", p.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("ogb_split"), "{}", text(&o));
+    assert!(err.contains("no split folder `nope`"), "{}", text(&o));
+    // A broken file is named with its line.
+    std::fs::write(d.join("raw/edge.csv.gz"), gzip_stored(b"0,1\n1,9\n")).unwrap();
+    let p = pipeline("broken.yaml", "format: ogb");
+    let o = latentflow(&["validate", "--no-models", p.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("edge.csv.gz:2: node id 9 is outside 0..4"),
+        "{}",
+        text(&o)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Classifiers.
 
 #[test]

@@ -18,6 +18,16 @@
 //!   and optionally a label file (`id,label`; integers, or class names mapped to `0..classes`
 //!   in sorted order; `-1` or empty for an unlabelled node). Commas, tabs or spaces separate
 //!   values; a first line that is not data is a header; `#` starts a comment line.
+//! - **OGB folder** (one graph, node classification): an Open Graph Benchmark node property
+//!   dataset as OGB ships it (`ogbn_arxiv/`). `raw/edge.csv.gz` holds one 0-based `src,dst`
+//!   pair per line, `raw/num-node-list.csv.gz` the node count, `raw/node-label.csv.gz` one
+//!   class per node (empty, `nan` or `-1`: unlabelled), and optionally `raw/node-feat.csv.gz`
+//!   one row of floats per node (without it every node gets the single feature 1) and
+//!   `raw/num-edge-list.csv.gz` the edge count, which is checked. The standard split is
+//!   `split/<name>/{train,valid,test}.csv.gz` (node ids, one per line); `ogb_split` picks the
+//!   folder when there are several. Every file may also be stored uncompressed (`edge.csv`);
+//!   when both exist the uncompressed one is read. Multi-column labels (ogbn-proteins),
+//!   heterogeneous graphs (ogbn-mag) and graph property datasets (ogbg-*) are refused.
 //!
 //! Records: node-classification graphs give `x`, `edge_index`, `y` (−1: unlabelled) and the
 //! masks of the split; TU graphs give `x`, `edge_index` and `y` as an int. Every problem found
@@ -31,11 +41,17 @@
 //! - `split: auto` uses the file's standard split when it has one and a seeded random split
 //!   otherwise; the random split takes `train_per_class` nodes of every class, then
 //!   `val_size` and `test_size` nodes from the remaining labelled ones (Planetoid's recipe).
+//! - OGB text is read a line at a time (through a gzip decoder where the name ends in `.gz`),
+//!   and every per-node array grows only as rows arrive: the node count is a single number
+//!   that could promise billions of nodes, so nothing is allocated from it. The label file is
+//!   required for the same reason (it holds one row per node, so the count is backed by data).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
+use flate2::bufread::MultiGzDecoder;
 use latentflow_engine::{
     DType, Dim, Failure, FieldType, KindInfo, Outcome, ParamKind, ParamSpec, Params, PlanIssue,
     Schema, Shape, Source, SourceFactory,
@@ -148,6 +164,14 @@ pub enum Input {
         /// Node labels.
         labels: Option<PathBuf>,
     },
+    /// An OGB node property dataset folder (holding `raw/` and `split/`).
+    Ogb {
+        /// The dataset folder.
+        dir: PathBuf,
+        /// The folder under `split/` that holds the standard split; needed when there are
+        /// several.
+        split: Option<String>,
+    },
 }
 
 /// The graphs of a dataset.
@@ -188,6 +212,13 @@ pub fn load(input: &Input, opts: &LoadOptions) -> Result<Dataset, LoadError> {
         } => (
             stem(edges),
             vec![read_csv(edges, features, labels.as_deref(), opts)?],
+            false,
+        ),
+        Input::Ogb { dir, split } => (
+            dir.file_name()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| "graph".into()),
+            vec![read_ogb(dir, split.as_deref(), opts)?],
             false,
         ),
     };
@@ -1116,6 +1147,429 @@ fn parse_labels(raw: Vec<(usize, String)>) -> Vec<i64> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// OGB folders
+
+/// A text file read one line at a time, through a gzip decoder when its name ends in `.gz`.
+struct TextLines {
+    path: PathBuf,
+    reader: Box<dyn BufRead>,
+    /// The number of the line last returned (1-based).
+    line: usize,
+    buf: Vec<u8>,
+}
+
+impl TextLines {
+    fn open(path: &Path) -> Result<TextLines, LoadError> {
+        let file =
+            File::open(path).map_err(|e| LoadError::new(path, format!("cannot open: {e}")))?;
+        let gzip = path.extension().is_some_and(|e| e == "gz");
+        let reader: Box<dyn BufRead> = if gzip {
+            Box::new(BufReader::new(MultiGzDecoder::new(BufReader::new(file))))
+        } else {
+            Box::new(BufReader::new(file))
+        };
+        Ok(TextLines {
+            path: path.to_path_buf(),
+            reader,
+            line: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The next line without its line ending and surrounding spaces, with its number; `None`
+    /// at the end of the file.
+    fn next_line(&mut self) -> Result<Option<(usize, &str)>, LoadError> {
+        self.buf.clear();
+        let at = self.line + 1;
+        let read = self.reader.read_until(b'\n', &mut self.buf).map_err(|e| {
+            let what = if self.path.extension().is_some_and(|e| e == "gz") {
+                "the gzip stream is corrupt or truncated"
+            } else {
+                "cannot read"
+            };
+            LoadError::at(&self.path, at, format!("{what}: {e}"))
+        })?;
+        if read == 0 {
+            return Ok(None);
+        }
+        self.line = at;
+        let text = std::str::from_utf8(&self.buf)
+            .map_err(|_| LoadError::at(&self.path, at, "not UTF-8 text"))?;
+        Ok(Some((at, text.trim_matches([' ', '\t', '\r', '\n']))))
+    }
+}
+
+/// `NAME.csv` in `dir` if it exists, else `NAME.csv.gz` (also the name a missing file is
+/// reported under).
+fn ogb_file(dir: &Path, name: &str) -> PathBuf {
+    let plain = dir.join(format!("{name}.csv"));
+    if plain.is_file() {
+        plain
+    } else {
+        dir.join(format!("{name}.csv.gz"))
+    }
+}
+
+/// Whether `dir` looks like an OGB dataset folder: it has `raw/edge.csv(.gz)`.
+fn is_ogb_folder(dir: &Path) -> bool {
+    ogb_file(&dir.join("raw"), "edge").is_file()
+}
+
+/// The single non-negative integer of a one-line count file (`num-node-list`, `num-edge-list`),
+/// with its line.
+fn ogb_count(path: &Path, what: &str) -> Result<(usize, usize), LoadError> {
+    let mut text = TextLines::open(path)?;
+    let mut found = None;
+    while let Some((line, s)) = text.next_line()? {
+        if s.is_empty() {
+            continue;
+        }
+        if found.is_some() {
+            return Err(LoadError::at(
+                path,
+                line,
+                "a second count: a node property dataset holds one graph (graph property \
+                 datasets, ogbg-*, are not supported)",
+            ));
+        }
+        let v = int_at(path, line, s, what)?;
+        let v = usize::try_from(v)
+            .map_err(|_| LoadError::at(path, line, format!("{what} {v} is negative")))?;
+        found = Some((v, line));
+    }
+    found.ok_or_else(|| LoadError::new(path, format!("empty: expected the {what}")))
+}
+
+/// A node label of an OGB label file: a class number, or −1 for an unlabelled node (empty,
+/// `nan` or `-1`). Pandas writes a label column with missing values as floats (`3.0`).
+fn ogb_label(path: &Path, line: usize, s: &str) -> Result<i64, LoadError> {
+    if s.is_empty() || s.eq_ignore_ascii_case("nan") {
+        return Ok(-1);
+    }
+    let columns = fields(s).len();
+    if columns > 1 {
+        return Err(LoadError::at(
+            path,
+            line,
+            format!(
+                "{columns} label columns: multi-label node labels (as in ogbn-proteins) are \
+                 not supported; a node needs one class"
+            ),
+        ));
+    }
+    let v = match s.parse::<i64>() {
+        Ok(v) => Some(v),
+        Err(_) => s
+            .parse::<f64>()
+            .ok()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9e15)
+            .map(|f| f as i64),
+    };
+    match v {
+        Some(v) if v >= -1 => Ok(v),
+        _ => Err(LoadError::at(
+            path,
+            line,
+            format!(
+                "label `{s}` is not a class number (0, 1, ...; empty, `nan` or -1 for an \
+                 unlabelled node)"
+            ),
+        )),
+    }
+}
+
+/// A node id of an OGB edge or split file, checked against the node count.
+fn ogb_node(path: &Path, line: usize, s: &str, n: usize, count: &Path) -> Result<usize, LoadError> {
+    let id = int_at(path, line, s, "node id")?;
+    if id < 0 || id as u64 >= n as u64 {
+        return Err(LoadError::at(
+            path,
+            line,
+            format!(
+                "node id {id} is outside 0..{n} (the node count in {})",
+                count.display()
+            ),
+        ));
+    }
+    Ok(id as usize)
+}
+
+/// The split folder to read under `split/`: the one named, else the only one; `None` without
+/// any.
+fn ogb_split_dir(dir: &Path, name: Option<&str>) -> Result<Option<PathBuf>, LoadError> {
+    let root = dir.join("split");
+    let mut found: Vec<String> = match std::fs::read_dir(&root) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect(),
+        Err(_) if !root.exists() => Vec::new(),
+        Err(e) => {
+            return Err(LoadError::new(
+                &root,
+                format!("cannot list the folder: {e}"),
+            ))
+        }
+    };
+    found.sort();
+    match (name, found.as_slice()) {
+        (Some(n), _) if found.iter().any(|f| f == n) => Ok(Some(root.join(n))),
+        (Some(n), _) => Err(LoadError::new(
+            &root,
+            format!(
+                "no split folder `{n}` (ogb_split); the folder holds {}",
+                if found.is_empty() {
+                    "none".to_string()
+                } else {
+                    found.join(", ")
+                }
+            ),
+        )),
+        (None, []) => Ok(None),
+        (None, [one]) => Ok(Some(root.join(one))),
+        (None, many) => Err(LoadError::new(
+            &root,
+            format!(
+                "several splits ({}); pick one with `ogb_split`",
+                many.join(", ")
+            ),
+        )),
+    }
+}
+
+fn read_ogb(dir: &Path, split_name: Option<&str>, opts: &LoadOptions) -> Result<Graph, LoadError> {
+    let raw = dir.join("raw");
+    let required = |name: &str| {
+        let p = ogb_file(&raw, name);
+        if p.is_file() {
+            return Ok(p);
+        }
+        let mut message = "missing: an OGB node property folder needs raw/edge.csv.gz, \
+                           raw/node-label.csv.gz and raw/num-node-list.csv.gz (or the same \
+                           files uncompressed)"
+            .to_string();
+        if raw.join("relations").is_dir() || raw.join("node-feat").is_dir() {
+            message += "; this looks like a heterogeneous dataset (ogbn-mag), which is not \
+                        supported";
+        }
+        Err(LoadError::new(&p, message))
+    };
+
+    // The node count; no array is sized from it, since it is not data.
+    let count_path = required("num-node-list")?;
+    let (n, count_line) = ogb_count(&count_path, "node count")?;
+    if n == 0 {
+        return Err(LoadError::at(&count_path, count_line, "no nodes"));
+    }
+    let disagree = |file: &Path, rows: usize, what: &str| {
+        LoadError::at(
+            &count_path,
+            count_line,
+            format!(
+                "{n} nodes, but {} has {rows} {what} (one per node)",
+                file.display()
+            ),
+        )
+    };
+
+    // Labels: one line per node, so an empty line is an unlabelled node.
+    let label_path = required("node-label")?;
+    let mut labels = Vec::new();
+    let mut text = TextLines::open(&label_path)?;
+    while let Some((line, s)) = text.next_line()? {
+        if labels.len() == n {
+            return Err(LoadError::at(
+                &label_path,
+                line,
+                format!(
+                    "a label for node {} but {} names {n} nodes",
+                    labels.len(),
+                    count_path.display()
+                ),
+            ));
+        }
+        labels.push(ogb_label(&label_path, line, s)?);
+    }
+    if labels.len() != n {
+        return Err(disagree(&label_path, labels.len(), "labels"));
+    }
+
+    // Features, row by row into CSR; the dense size is checked on the first row.
+    let feat_path = ogb_file(&raw, "node-feat");
+    let features = if feat_path.is_file() {
+        let mut indptr = vec![0];
+        let mut indices = Vec::new();
+        let mut data = Vec::new();
+        let mut width: Option<(usize, usize)> = None;
+        let mut text = TextLines::open(&feat_path)?;
+        while let Some((line, s)) = text.next_line()? {
+            let row = indptr.len() - 1;
+            if row == n {
+                return Err(LoadError::at(
+                    &feat_path,
+                    line,
+                    format!(
+                        "a feature row for node {row} but {} names {n} nodes",
+                        count_path.display()
+                    ),
+                ));
+            }
+            if s.is_empty() {
+                return Err(LoadError::at(
+                    &feat_path,
+                    line,
+                    "an empty row: every node needs its feature values",
+                ));
+            }
+            let values = fields(s);
+            match width {
+                None => {
+                    let dense = n as u128 * values.len() as u128;
+                    if dense > MAX_DENSE_FEATURES as u128 {
+                        return Err(LoadError::at(
+                            &feat_path,
+                            line,
+                            format!(
+                                "{n} nodes x {} features, {dense} values, more than the \
+                                 {MAX_DENSE_FEATURES} (1 GiB) that graph stages hold as a dense \
+                                 matrix; reduce the feature dimension first",
+                                values.len()
+                            ),
+                        ));
+                    }
+                    width = Some((values.len(), line));
+                }
+                Some((w, first)) if w != values.len() => {
+                    return Err(LoadError::at(
+                        &feat_path,
+                        line,
+                        format!(
+                            "{} values, but line {first} has {w}: every row needs the same \
+                             number",
+                            values.len()
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+            for (c, v) in values.iter().enumerate() {
+                let v = float_at(&feat_path, line, c + 1, v)?;
+                if v != 0.0 {
+                    indices.push(c);
+                    data.push(v);
+                }
+            }
+            indptr.push(indices.len());
+        }
+        if indptr.len() - 1 != n {
+            return Err(disagree(&feat_path, indptr.len() - 1, "feature rows"));
+        }
+        Csr {
+            rows: n,
+            cols: width.map_or(0, |w| w.0),
+            indptr,
+            indices,
+            data,
+        }
+    } else {
+        if n > MAX_DENSE_FEATURES {
+            return Err(LoadError::at(
+                &count_path,
+                count_line,
+                format!(
+                    "{n} nodes with the constant feature are more than the {MAX_DENSE_FEATURES}                      values (1 GiB) that graph stages hold as a dense matrix"
+                ),
+            ));
+        }
+        Csr {
+            rows: n,
+            cols: 1,
+            indptr: (0..=n).collect(),
+            indices: vec![0; n],
+            data: vec![1.0; n],
+        }
+    };
+
+    // Edges as stored (directed); `symmetrise` adds the reverse ones later.
+    let edge_path = required("edge")?;
+    let mut edges = Vec::new();
+    let mut text = TextLines::open(&edge_path)?;
+    while let Some((line, s)) = text.next_line()? {
+        if s.is_empty() {
+            continue;
+        }
+        let f = fields(s);
+        if f.len() != 2 {
+            return Err(LoadError::at(
+                &edge_path,
+                line,
+                format!("expected `source,target` (two node ids), found `{s}`"),
+            ));
+        }
+        let src = ogb_node(&edge_path, line, f[0], n, &count_path)?;
+        let dst = ogb_node(&edge_path, line, f[1], n, &count_path)?;
+        edges.push((src, dst));
+    }
+    let num_edge_path = ogb_file(&raw, "num-edge-list");
+    if num_edge_path.is_file() {
+        let (m, line) = ogb_count(&num_edge_path, "edge count")?;
+        if m != edges.len() {
+            return Err(LoadError::at(
+                &num_edge_path,
+                line,
+                format!("{m} edges, but {} has {}", edge_path.display(), edges.len()),
+            ));
+        }
+    }
+    edges.sort_unstable();
+    edges.dedup();
+
+    // The standard split, read only when it may be used.
+    let standard = if matches!(opts.split, SplitMode::Standard | SplitMode::Auto) {
+        match ogb_split_dir(dir, split_name)? {
+            Some(folder) => {
+                let mut parts = Vec::with_capacity(3);
+                for name in ["train", "valid", "test"] {
+                    let path = ogb_file(&folder, name);
+                    if !path.is_file() {
+                        return Err(LoadError::new(
+                            &path,
+                            "missing: a split folder holds train.csv.gz, valid.csv.gz and \
+                             test.csv.gz (or the same files uncompressed)",
+                        ));
+                    }
+                    let mut ids = Vec::new();
+                    let mut text = TextLines::open(&path)?;
+                    while let Some((line, s)) = text.next_line()? {
+                        if !s.is_empty() {
+                            ids.push(ogb_node(&path, line, s, n, &count_path)?);
+                        }
+                    }
+                    parts.push(ids);
+                }
+                let test = parts.pop().expect("three");
+                let val = parts.pop().expect("three");
+                let train = parts.pop().expect("three");
+                Some(Split { train, val, test })
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
+    let split = choose_split(dir, Some(&labels), standard, opts)?;
+    Ok(Graph {
+        num_nodes: n,
+        edges,
+        features,
+        labels: Some(labels),
+        graph_label: None,
+        split,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // The source
 
 /// Factory of the `graph-load` source.
@@ -1132,6 +1586,7 @@ fn request(params: &Params) -> Result<LoadRequest, Vec<PlanIssue>> {
     let path = params.path("path").unwrap_or_default();
     let format = params.str("format").unwrap_or("auto");
     let format = match format {
+        "auto" if path.is_dir() && is_ogb_folder(&path) => "ogb",
         "auto" if path.is_dir() => "tu",
         "auto" => match path.extension().and_then(|e| e.to_str()) {
             Some("npz") => "npz",
@@ -1140,11 +1595,11 @@ fn request(params: &Params) -> Result<LoadRequest, Vec<PlanIssue>> {
                 return Err(vec![PlanIssue::param(
                     "path",
                     format!(
-                        "cannot tell the format of {}: not a folder (TU), .npz or .csv",
+                        "cannot tell the format of {}: not a folder (OGB or TU), .npz or .csv",
                         path.display()
                     ),
                 )
-                .hint("set `format: npz | tu | csv`")])
+                .hint("set `format: npz | tu | csv | ogb`")])
             }
         },
         f => f,
@@ -1152,6 +1607,10 @@ fn request(params: &Params) -> Result<LoadRequest, Vec<PlanIssue>> {
     let input = match format {
         "npz" => Input::Npz(path),
         "tu" => Input::Tu(path),
+        "ogb" => Input::Ogb {
+            dir: path,
+            split: params.str("ogb_split").map(String::from),
+        },
         _ => Input::Csv {
             edges: path,
             features: params.path("features").ok_or_else(|| {
@@ -1172,6 +1631,20 @@ fn request(params: &Params) -> Result<LoadRequest, Vec<PlanIssue>> {
             )]
         })
     };
+    if let Some(name) = params.str("ogb_split") {
+        if !matches!(input, Input::Ogb { .. }) {
+            return Err(vec![PlanIssue::param(
+                "ogb_split",
+                "`ogb_split` names a split folder of an OGB dataset; this is not one",
+            )]);
+        }
+        if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
+            return Err(vec![PlanIssue::param(
+                "ogb_split",
+                format!("`{name}` is not a folder name under `split/`"),
+            )]);
+        }
+    }
     let options = LoadOptions {
         symmetrise: params.bool("symmetrise").unwrap_or(true),
         self_loops: params.bool("self_loops").unwrap_or(false),
@@ -1204,6 +1677,7 @@ fn param_of(input: &Input, e: &LoadError) -> &'static str {
                 "path"
             }
         }
+        Input::Ogb { dir, split } if split.is_some() && e.path == dir.join("split") => "ogb_split",
         _ => "path",
     }
 }
@@ -1212,21 +1686,23 @@ impl SourceFactory for GraphLoadSource {
     fn info(&self) -> KindInfo {
         KindInfo {
             name: "graph-load",
-            doc: "Reads graphs: a CSR .npz file (Planetoid or gnn-benchmark layout) or an \
-                  edge-list CSV with a feature CSV gives one node-classification record (x, \
+            doc: "Reads graphs: a CSR .npz file (Planetoid or gnn-benchmark layout), an \
+                  edge-list CSV with a feature CSV, or an OGB node property folder (raw/ and \
+                  split/, gzipped or not) gives one node-classification record (x, \
                   edge_index, y, train/val/test masks); a TU dataset folder gives one record \
                   per graph (x from one-hot node labels, edge_index, y = graph label).",
             params: vec![
                 ParamSpec::required(
                     "path",
                     ParamKind::Path,
-                    "a .npz file, a TU dataset folder, or an edge-list CSV",
+                    "a .npz file, a TU or OGB dataset folder, or an edge-list CSV",
                 ),
                 ParamSpec::optional(
                     "format",
-                    ParamKind::Choice(&["auto", "npz", "tu", "csv"]),
+                    ParamKind::Choice(&["auto", "npz", "tu", "csv", "ogb"]),
                     json!("auto"),
-                    "how `path` is stored (auto: a folder is TU, else by extension)",
+                    "how `path` is stored (auto: a folder with raw/edge.csv(.gz) is OGB, \
+                     another folder TU, else by extension)",
                 ),
                 ParamSpec::optional(
                     "features",
@@ -1239,6 +1715,13 @@ impl SourceFactory for GraphLoadSource {
                     ParamKind::Path,
                     json!(null),
                     "CSV format: node labels, `id,label` per line",
+                ),
+                ParamSpec::optional(
+                    "ogb_split",
+                    ParamKind::String,
+                    json!(null),
+                    "OGB format: the folder under split/ holding the standard split (needed \
+                     when there are several)",
                 ),
                 ParamSpec::optional(
                     "symmetrise",
@@ -1262,7 +1745,8 @@ impl SourceFactory for GraphLoadSource {
                     "split",
                     ParamKind::Choice(&["auto", "standard", "random", "none"]),
                     json!("auto"),
-                    "node split: the file's standard one, a seeded random one, or none",
+                    "node split: the data's standard one (idx_* arrays of a .npz, split/ of an \
+                     OGB folder), a seeded random one, or none",
                 ),
                 ParamSpec::optional(
                     "train_per_class",
