@@ -571,7 +571,10 @@ cp -a {out} {keep}",
             "{share}: {first}"
         );
         assert!(!first.contains("panicked"), "{share}: {first}");
-        eprintln!("disk full at {tag}%: {}", first.lines().last().unwrap_or_default());
+        eprintln!(
+            "disk full at {tag}%: {}",
+            first.lines().last().unwrap_or_default()
+        );
         assert_eq!(read("second.rc").trim(), "3", "{share}: {second}");
         assert_same(
             &want,
