@@ -738,6 +738,11 @@ fn session_on(
     let mut builder = Session::builder(env)
         .map_err(|e| fail(e.to_string()))?
         .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(|e| fail(e.to_string()))?
+        // Gradient graphs keep the weights as initializers that may be fed (for fine-tuning),
+        // about which ONNX Runtime warns once per weight; that is intended here, so only
+        // errors are logged.
+        .with_log_level(ort::logging::LogLevel::Error)
         .map_err(|e| fail(e.to_string()))?;
     if let Some(n) = options.threads {
         builder = builder
