@@ -45,7 +45,11 @@ struct Args {
     relief_only: bool,
 }
 
-fn parse() -> Args {
+const USAGE: &str = "usage: relief_table [--seeds N] [--shots 1,5,10] [--mutag-shots 5,10] \
+    [--tasks cora,citeseer,mutag] [--out DIR] [--quick] [--rounds N] [--max-z Z] [--head-wd L2] \
+    [--refit] [--sample-nodes] [--relief-only] [--verbose]";
+
+fn parse() -> Result<Args, String> {
     let mut a = Args {
         seeds: 5,
         shots: vec![1, 5, 10],
@@ -62,34 +66,41 @@ fn parse() -> Args {
         relief_only: false,
     };
     let mut it = std::env::args().skip(1);
-    let list =
-        |s: String| -> Vec<usize> { s.split(',').map(|v| v.parse().expect("a number")).collect() };
     while let Some(k) = it.next() {
+        let mut value = || it.next().ok_or(format!("{k} needs a value\n{USAGE}"));
+        fn num<T: std::str::FromStr>(k: &str, v: &str) -> Result<T, String> {
+            v.parse()
+                .map_err(|_| format!("{k}: `{v}` is not a valid number\n{USAGE}"))
+        }
+        let list = |k: &str, v: String| -> Result<Vec<usize>, String> {
+            v.split(',').map(|x| num(k, x.trim())).collect()
+        };
         match k.as_str() {
-            "--seeds" => a.seeds = it.next().expect("value").parse().expect("a number"),
-            "--shots" => a.shots = list(it.next().expect("value")),
-            "--mutag-shots" => a.mutag_shots = list(it.next().expect("value")),
-            "--tasks" => {
-                a.tasks = it
-                    .next()
-                    .expect("value")
-                    .split(',')
-                    .map(String::from)
-                    .collect()
-            }
-            "--out" => a.out = PathBuf::from(it.next().expect("value")),
+            "--seeds" => a.seeds = num(&k, &value()?)?,
+            "--shots" => a.shots = list(&k, value()?)?,
+            "--mutag-shots" => a.mutag_shots = list(&k, value()?)?,
+            "--tasks" => a.tasks = value()?.split(',').map(String::from).collect(),
+            "--out" => a.out = PathBuf::from(value()?),
             "--quick" => a.quick = true,
             "--verbose" => a.verbose = true,
             "--sample-nodes" => a.sample_nodes = true,
             "--refit" => a.refit = true,
             "--relief-only" => a.relief_only = true,
-            "--head-wd" => a.head_wd = it.next().expect("value").parse().expect("a number"),
-            "--rounds" => a.rounds = Some(it.next().expect("value").parse().expect("a number")),
-            "--max-z" => a.max_z = Some(it.next().expect("value").parse().expect("a number")),
-            other => panic!("unknown argument {other}"),
+            "--head-wd" => a.head_wd = num(&k, &value()?)?,
+            "--rounds" => a.rounds = Some(num(&k, &value()?)?),
+            "--max-z" => a.max_z = Some(num(&k, &value()?)?),
+            "-h" | "--help" => return Err(USAGE.to_string()),
+            other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
         }
     }
-    a
+    if let Some(t) = a
+        .tasks
+        .iter()
+        .find(|t| !["cora", "citeseer", "mutag"].contains(&t.as_str()))
+    {
+        return Err(format!("unknown task `{t}` (cora, citeseer, mutag)"));
+    }
+    Ok(a)
 }
 
 fn data_dir() -> PathBuf {
@@ -105,36 +116,15 @@ fn model(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Settings of the node tasks (those of `pipelines/relief-node.yaml`).
-fn node_settings(quick: bool) -> (ReliefSettings, GradSettings) {
-    let mut s = ReliefSettings {
-        rounds: 30,
+/// Settings of every task: those of `pipelines/relief-node.yaml` and
+/// `pipelines/relief-graph.yaml`, which agree.
+fn settings(quick: bool) -> (ReliefSettings, GradSettings) {
+    let s = ReliefSettings {
+        rounds: if quick { 3 } else { 30 },
         graphs_per_round: 16,
         max_z: 0.05,
         ..Default::default()
     };
-    if quick {
-        s.rounds = 3;
-    }
-    let g = GradSettings {
-        epochs: if quick { 10 } else { 100 },
-        lr: 0.01,
-        head: HeadSettings::default(),
-    };
-    (s, g)
-}
-
-/// Settings of the graph task (those of `pipelines/relief-graph.yaml`).
-fn graph_settings(quick: bool) -> (ReliefSettings, GradSettings) {
-    let mut s = ReliefSettings {
-        rounds: 30,
-        graphs_per_round: 16,
-        max_z: 0.05,
-        ..Default::default()
-    };
-    if quick {
-        s.rounds = 3;
-    }
     let g = GradSettings {
         epochs: if quick { 10 } else { 100 },
         lr: 0.01,
@@ -150,8 +140,18 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
-fn main() -> Result<(), String> {
-    let args = parse();
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let args = parse()?;
     let dir = data_dir();
     if !dir.is_dir() {
         return Err(format!("{} not found", dir.display()));
@@ -200,11 +200,7 @@ fn main() -> Result<(), String> {
             let mut per: Vec<Vec<Scores>> = vec![Vec::new(); methods.len()];
             for seed in 0..args.seeds as u64 {
                 let t0 = Instant::now();
-                let (mut rs, mut gs) = if task_name == "mutag" {
-                    graph_settings(args.quick)
-                } else {
-                    node_settings(args.quick)
-                };
+                let (mut rs, mut gs) = settings(args.quick);
                 rs.seed = seed;
                 rs.head.weight_decay = args.head_wd;
                 gs.head.weight_decay = args.head_wd;
