@@ -100,19 +100,9 @@ fn settings(params: &Params) -> Result<Classify, Vec<PlanIssue>> {
     if !issues.is_empty() {
         return Err(issues);
     }
-    let field = |name: &str, default: &str| params.str(name).unwrap_or(default).to_string();
     Ok(Classify {
         method,
-        fields: GraphFields {
-            x: field("features", "x"),
-            edge_index: field("edge_index", "edge_index"),
-            y: field("y", "y"),
-            masks: [
-                field("train_mask", "train_mask"),
-                field("val_mask", "val_mask"),
-                field("test_mask", "test_mask"),
-            ],
-        },
+        fields: GraphFields::from_params(params),
         runs,
         prefix: params.str("prefix").unwrap_or("").to_string(),
         embeddings,
@@ -212,49 +202,17 @@ impl StageFactory for ClassifyStage {
     fn plan(&self, params: &Params, input: &Schema) -> Result<Plan, Vec<PlanIssue>> {
         let c = settings(params)?;
         let named = |s: &str| Dim::Named(s.into());
-        let nodes = || Shape(Some(vec![named("nodes")]));
         let i64_nodes = FieldType::Tensor {
             dtype: DType::I64,
-            shape: nodes(),
+            shape: Shape(Some(vec![named("nodes")])),
         };
-        let mut plan = Plan::default().read(
-            &c.fields.x,
-            FieldType::f32(Shape(Some(vec![named("nodes"), named("features")]))),
-            &["features"],
-        );
+        let mut plan = c.fields.read_x(Plan::default());
         if let Method::Gcn(_) = c.method {
-            plan = plan.read(
-                &c.fields.edge_index,
-                FieldType::Tensor {
-                    dtype: DType::I64,
-                    shape: Shape(Some(vec![Dim::Fixed(2), named("edges")])),
-                },
-                &["edge_index"],
-            );
+            plan = c.fields.read_edges(plan);
         }
-        plan = plan.read(&c.fields.y, i64_nodes.clone(), &["y"]);
-        for (m, param) in c
-            .fields
-            .masks
-            .iter()
-            .zip(["train_mask", "val_mask", "test_mask"])
-        {
-            // Masks may be 0/1 integers or floats.
-            let dtype = match input.get(m) {
-                Some(FieldType::Tensor {
-                    dtype: DType::F32, ..
-                }) => DType::F32,
-                _ => DType::I64,
-            };
-            plan = plan.read(
-                m,
-                FieldType::Tensor {
-                    dtype,
-                    shape: nodes(),
-                },
-                &[param],
-            );
-        }
+        plan = c.fields.read_node_labels(plan);
+        // Masks may be 0/1 integers or floats.
+        plan = c.fields.read_masks(plan, input, |_| true);
 
         let p = |s: &str| format!("{}{s}", c.prefix);
         let epochs = match &c.method {

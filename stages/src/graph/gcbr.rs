@@ -75,8 +75,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use latentflow_engine::{
-    Completion, DType, Dim, Failure, FieldType, KindInfo, ParamKind, ParamSpec, Params, Plan,
-    PlanIssue, Record, Schema, Shape, Stage, StageContext, StageFactory, Tensor, Value,
+    Completion, Dim, Failure, FieldType, KindInfo, ParamKind, ParamSpec, Params, Plan, PlanIssue,
+    Record, Schema, Shape, Stage, StageContext, StageFactory, Tensor, Value,
 };
 use ndarray::{Array1, ArrayD};
 use serde_json::{json, Map, Value as Json};
@@ -373,19 +373,9 @@ fn config(params: &Params) -> Result<Config, Vec<PlanIssue>> {
     if !issues.is_empty() {
         return Err(issues);
     }
-    let field = |name: &str, default: &str| params.str(name).unwrap_or(default).to_string();
     Ok(Config {
         job,
-        fields: GraphFields {
-            x: field("features", "x"),
-            edge_index: field("edge_index", "edge_index"),
-            y: field("y", "y"),
-            masks: [
-                field("train_mask", "train_mask"),
-                field("val_mask", "val_mask"),
-                field("test_mask", "test_mask"),
-            ],
-        },
+        fields: GraphFields::from_params(params),
         dir: params.str("dir").map(String::from),
         prefix: params.str("prefix").unwrap_or("").to_string(),
         threads: params.int("threads").unwrap_or(0).max(0) as usize,
@@ -692,30 +682,8 @@ impl StageFactory for GcbrStage {
 
     fn plan(&self, params: &Params, input: &Schema) -> Result<Plan, Vec<PlanIssue>> {
         let c = config(params)?;
-        let named = |s: &str| Dim::Named(s.into());
-        let nodes = || Shape(Some(vec![named("nodes")]));
-        let mut plan = Plan::default()
-            .read(
-                &c.fields.x,
-                FieldType::f32(Shape(Some(vec![named("nodes"), named("features")]))),
-                &["features"],
-            )
-            .read(
-                &c.fields.edge_index,
-                FieldType::Tensor {
-                    dtype: DType::I64,
-                    shape: Shape(Some(vec![Dim::Fixed(2), named("edges")])),
-                },
-                &["edge_index"],
-            )
-            .read(
-                &c.fields.y,
-                FieldType::Tensor {
-                    dtype: DType::I64,
-                    shape: nodes(),
-                },
-                &["y"],
-            );
+        let fields = &c.fields;
+        let mut plan = fields.read_node_labels(fields.read_edges(fields.read_x(Plan::default())));
         let needs_masks = matches!(
             &c.job,
             Job::Label {
@@ -723,29 +691,7 @@ impl StageFactory for GcbrStage {
                 ..
             }
         );
-        for (m, param) in c
-            .fields
-            .masks
-            .iter()
-            .zip(["train_mask", "val_mask", "test_mask"])
-        {
-            let dtype = match input.get(m) {
-                Some(FieldType::Tensor {
-                    dtype: DType::F32, ..
-                }) => DType::F32,
-                _ => DType::I64,
-            };
-            if needs_masks || input.contains_key(m) {
-                plan = plan.read(
-                    m,
-                    FieldType::Tensor {
-                        dtype,
-                        shape: nodes(),
-                    },
-                    &[param],
-                );
-            }
-        }
+        plan = fields.read_masks(plan, input, |m| needs_masks || input.contains_key(m));
         match &c.job {
             Job::Train { settings, .. } => {
                 let per_round = FieldType::f32(Shape::fixed(&[settings.episodes]));
@@ -787,7 +733,7 @@ impl StageFactory for GcbrStage {
                     }
                     plan = plan.write(
                         &format!("{a}_counts"),
-                        FieldType::f32(Shape(Some(vec![named("classes")]))),
+                        FieldType::f32(Shape(Some(vec![Dim::Named("classes".into())]))),
                     );
                 }
             }

@@ -47,7 +47,9 @@ pub mod retrain;
 pub mod state;
 pub mod subgraph;
 
-use latentflow_engine::{Record, Tensor, Value};
+use latentflow_engine::{
+    DType, Dim, FieldType, Params, Plan, Record, Schema, Shape, Tensor, Value,
+};
 use ndarray::{Array1, Array2, ArrayD, ArrayView2, IxDyn};
 
 pub use classify::ClassifyStage;
@@ -396,6 +398,96 @@ impl Default for GraphFields {
             y: "y".into(),
             masks: ["train_mask".into(), "val_mask".into(), "test_mask".into()],
         }
+    }
+}
+
+/// The parameters that name a graph stage's input fields, in the order of [`GraphFields`].
+const FIELD_PARAMS: [&str; 6] = [
+    "features",
+    "edge_index",
+    "y",
+    "train_mask",
+    "val_mask",
+    "test_mask",
+];
+
+impl GraphFields {
+    /// The field names a graph stage's parameters give (`features`, `edge_index`, `y`,
+    /// `train_mask`, `val_mask`, `test_mask`), defaulting to the `graph-load` names.
+    pub fn from_params(params: &Params) -> Self {
+        let d = GraphFields::default();
+        let field =
+            |k: usize, default: &str| params.str(FIELD_PARAMS[k]).unwrap_or(default).to_string();
+        GraphFields {
+            x: field(0, &d.x),
+            edge_index: field(1, &d.edge_index),
+            y: field(2, &d.y),
+            masks: [
+                field(3, &d.masks[0]),
+                field(4, &d.masks[1]),
+                field(5, &d.masks[2]),
+            ],
+        }
+    }
+
+    /// Plans the read of the node features `f32[nodes, features]`.
+    pub fn read_x(&self, plan: Plan) -> Plan {
+        let named = |s: &str| Dim::Named(s.into());
+        plan.read(
+            &self.x,
+            FieldType::f32(Shape(Some(vec![named("nodes"), named("features")]))),
+            &[FIELD_PARAMS[0]],
+        )
+    }
+
+    /// Plans the read of the edges `i64[2, edges]`.
+    pub fn read_edges(&self, plan: Plan) -> Plan {
+        let shape = Shape(Some(vec![Dim::Fixed(2), Dim::Named("edges".into())]));
+        plan.read(
+            &self.edge_index,
+            FieldType::Tensor {
+                dtype: DType::I64,
+                shape,
+            },
+            &[FIELD_PARAMS[1]],
+        )
+    }
+
+    /// Plans the read of the node labels `i64[nodes]`.
+    pub fn read_node_labels(&self, plan: Plan) -> Plan {
+        let shape = Shape(Some(vec![Dim::Named("nodes".into())]));
+        plan.read(
+            &self.y,
+            FieldType::Tensor {
+                dtype: DType::I64,
+                shape,
+            },
+            &[FIELD_PARAMS[2]],
+        )
+    }
+
+    /// Plans the reads of the split masks `[nodes]` for which `wanted(mask field)` holds, each
+    /// as `f32` where the input has it so and as 0/1 `i64` otherwise.
+    pub fn read_masks(
+        &self,
+        mut plan: Plan,
+        input: &Schema,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Plan {
+        for (m, param) in self.masks.iter().zip(&FIELD_PARAMS[3..]) {
+            if !wanted(m) {
+                continue;
+            }
+            let dtype = match input.get(m) {
+                Some(FieldType::Tensor {
+                    dtype: DType::F32, ..
+                }) => DType::F32,
+                _ => DType::I64,
+            };
+            let shape = Shape(Some(vec![Dim::Named("nodes".into())]));
+            plan = plan.read(m, FieldType::Tensor { dtype, shape }, &[param]);
+        }
+        plan
     }
 }
 

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use latentflow_engine::inference::Device;
 use latentflow_engine::model::ModelPackage;
 use latentflow_engine::{
-    Completion, DType, Dim, Failure, FieldType, KindInfo, ParamKind, ParamSpec, Params, Plan,
-    PlanIssue, Record, Schema, Shape, Stage, StageContext, StageFactory, Value,
+    Completion, Failure, FieldType, KindInfo, ParamKind, ParamSpec, Params, Plan, PlanIssue,
+    Record, Schema, Stage, StageContext, StageFactory, Value,
 };
 use serde_json::{json, Value as Json};
 
@@ -159,16 +159,7 @@ fn config(params: &Params) -> Result<Config, Vec<PlanIssue>> {
     let c = Config {
         model: params.path("model").unwrap_or_default(),
         node_task,
-        fields: GraphFields {
-            x: params.str("features").unwrap_or("x").into(),
-            edge_index: params.str("edge_index").unwrap_or("edge_index").into(),
-            y: params.str("y").unwrap_or("y").into(),
-            masks: [
-                params.str("train_mask").unwrap_or("train_mask").into(),
-                params.str("val_mask").unwrap_or("val_mask").into(),
-                params.str("test_mask").unwrap_or("test_mask").into(),
-            ],
-        },
+        fields: GraphFields::from_params(params),
         shots,
         seeds: int("seeds", 1, 1, &mut issues),
         hops: int("hops", 2, 0, &mut issues),
@@ -417,51 +408,10 @@ impl StageFactory for ReliefStage {
 
     fn plan(&self, params: &Params, input: &Schema) -> Result<Plan, Vec<PlanIssue>> {
         let c = config(params)?;
-        let named = |s: &str| Dim::Named(s.into());
-        let mut plan = Plan::default()
-            .read(
-                &c.fields.x,
-                FieldType::f32(Shape(Some(vec![named("nodes"), named("features")]))),
-                &["features"],
-            )
-            .read(
-                &c.fields.edge_index,
-                FieldType::Tensor {
-                    dtype: DType::I64,
-                    shape: Shape(Some(vec![Dim::Fixed(2), named("edges")])),
-                },
-                &["edge_index"],
-            );
+        let mut plan = c.fields.read_edges(c.fields.read_x(Plan::default()));
         if c.node_task {
-            plan = plan.read(
-                &c.fields.y,
-                FieldType::Tensor {
-                    dtype: DType::I64,
-                    shape: Shape(Some(vec![named("nodes")])),
-                },
-                &["y"],
-            );
-            for (m, param) in c
-                .fields
-                .masks
-                .iter()
-                .zip(["train_mask", "val_mask", "test_mask"])
-            {
-                let dtype = match input.get(m) {
-                    Some(FieldType::Tensor {
-                        dtype: DType::F32, ..
-                    }) => DType::F32,
-                    _ => DType::I64,
-                };
-                plan = plan.read(
-                    m,
-                    FieldType::Tensor {
-                        dtype,
-                        shape: Shape(Some(vec![named("nodes")])),
-                    },
-                    &[param],
-                );
-            }
+            plan = c.fields.read_node_labels(plan);
+            plan = c.fields.read_masks(plan, input, |_| true);
         } else {
             plan = plan.read(&c.fields.y, FieldType::Int, &["y"]);
         }
