@@ -304,34 +304,13 @@ mod tests {
 
     /// A small random graph with 3 classes.
     fn toy(seed: u64) -> Graph {
-        let mut rng = Rng::new(seed);
-        let n = 12;
-        let f = 5;
-        let mut edges = Vec::new();
-        for _ in 0..20 {
-            let (s, t) = (rng.below(n), rng.below(n));
-            edges.extend([(s, t), (t, s)]);
-        }
-        edges.sort_unstable();
-        edges.dedup();
-        let dense = Array2::from_shape_simple_fn((n, f), || {
-            if rng.uniform() < 0.5 {
-                rng.uniform()
-            } else {
-                0.0
-            }
-        });
         Graph {
-            num_nodes: n,
-            edges,
-            features: Csr::from_dense(dense.view()),
-            labels: Some((0..n).map(|i| (i % 3) as i64).collect()),
-            graph_label: None,
             split: Some(Split {
                 train: vec![0, 1, 2, 4, 5, 7],
                 val: vec![8, 9],
                 test: vec![10, 11],
             }),
+            ..crate::graph::random_graph(seed, 12, 5, 20, 0.5)
         }
     }
 

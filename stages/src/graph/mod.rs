@@ -868,6 +868,41 @@ impl NodeResult {
     }
 }
 
+/// A random symmetric test graph: `edge_draws` random node pairs (both directions, duplicates
+/// dropped), features that are non-zero with probability `density`, and labels `i % 3`.
+#[cfg(test)]
+pub(crate) fn random_graph(
+    seed: u64,
+    nodes: usize,
+    features: usize,
+    edge_draws: usize,
+    density: f32,
+) -> Graph {
+    let mut rng = Rng::new(seed);
+    let mut edges = Vec::new();
+    for _ in 0..edge_draws {
+        let (s, t) = (rng.below(nodes), rng.below(nodes));
+        edges.extend([(s, t), (t, s)]);
+    }
+    edges.sort_unstable();
+    edges.dedup();
+    let dense = Array2::from_shape_simple_fn((nodes, features), || {
+        if rng.uniform() < density {
+            rng.uniform()
+        } else {
+            0.0
+        }
+    });
+    Graph {
+        num_nodes: nodes,
+        edges,
+        features: Csr::from_dense(dense.view()),
+        labels: Some((0..nodes).map(|i| (i % 3) as i64).collect()),
+        graph_label: None,
+        split: Some(Split::default()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

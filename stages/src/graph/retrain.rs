@@ -408,33 +408,10 @@ pub fn predict(p: &GcnParams, input: &GcnInput) -> (Array2<f32>, Array2<f32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::{gcn, Csr, Graph, Split};
+    use crate::graph::{gcn, Graph};
 
     fn toy() -> Graph {
-        let mut rng = Rng::new(4);
-        let n = 40;
-        let mut edges = Vec::new();
-        for _ in 0..50 {
-            let (s, t) = (rng.below(n), rng.below(n));
-            edges.extend([(s, t), (t, s)]);
-        }
-        edges.sort_unstable();
-        edges.dedup();
-        let dense = Array2::from_shape_simple_fn((n, 9), || {
-            if rng.uniform() < 0.4 {
-                rng.uniform()
-            } else {
-                0.0
-            }
-        });
-        Graph {
-            num_nodes: n,
-            edges,
-            features: Csr::from_dense(dense.view()),
-            labels: Some((0..n).map(|i| (i % 3) as i64).collect()),
-            graph_label: None,
-            split: Some(Split::default()),
-        }
+        crate::graph::random_graph(4, 40, 9, 50, 0.4)
     }
 
     #[test]
