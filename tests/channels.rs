@@ -18,18 +18,9 @@ use latentflow_stages::channels::{
 };
 use ndarray::{Array2, ArrayD};
 
-use common::{latentflow, max_abs_diff, read_npy, root, scratch, text, write_pipeline};
+use common::{latentflow, max_abs_diff, python, read_npy, root, scratch, text, write_pipeline};
 
 const MODEL: &str = "models/fashion-ccbn";
-
-fn python() -> PathBuf {
-    let p = root().join(".venv/bin/python");
-    assert!(
-        p.exists(),
-        "run `bash scripts/setup.sh` first (it creates .venv)"
-    );
-    p
-}
 
 fn run_python(script: &str, args: &[&str]) {
     let o = Command::new(python())

@@ -30,27 +30,10 @@ use ndarray::{Array1, Array2, ArrayD, Axis, IxDyn};
 use ndarray_npy::{read_npy, write_npy};
 use serde_json::{json, Value as Json};
 
-use common::{latentflow, root, scratch, text, write_pipeline};
+use common::{graphs_dir, latentflow, python, root, scratch, text, write_pipeline};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-/// `shared/data/graphs`, or `None` (with a note on stderr) when it is not there.
-fn graphs_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("LATENTFLOW_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("../shared/data"));
-    let dir = base.join("graphs");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipped: {} not found (set LATENTFLOW_SHARED_DATA to the shared data folder)",
-            dir.display()
-        );
-        None
-    }
-}
 
 fn model(name: &str) -> PathBuf {
     root().join("models").join(name)
@@ -127,16 +110,6 @@ fn mutag_reference_graphs() -> Vec<GnnGraph> {
             GnnGraph::new(xs, edges).unwrap()
         })
         .collect()
-}
-
-fn python() -> PathBuf {
-    let py = root().join(".venv/bin/python");
-    assert!(
-        py.exists(),
-        "{} not found: run `bash scripts/setup.sh`",
-        py.display()
-    );
-    py
 }
 
 /// Runs the package with ONNX Runtime's Python API (CPU) on `<dir>/x.npy` and

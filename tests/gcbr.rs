@@ -13,8 +13,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -35,26 +34,10 @@ use latentflow_stages::graph::{gcn_adjacency, Csr, Graph, Rng};
 use ndarray::{Array2, ArrayD};
 use serde_json::Value as Json;
 
-use common::{latentflow, root, scratch, text, write_pipeline};
+use common::{graphs_dir, latentflow, root, run_python, scratch, text, write_pipeline};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-fn graphs_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("LATENTFLOW_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("../shared/data"));
-    let dir = base.join("graphs");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipped: {} not found (set LATENTFLOW_SHARED_DATA to the shared data folder)",
-            dir.display()
-        );
-        None
-    }
-}
 
 fn planetoid(dir: &Path, name: &str) -> Graph {
     let opts = LoadOptions {
@@ -68,27 +51,6 @@ fn planetoid(dir: &Path, name: &str) -> Graph {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     d.graphs.remove(0)
-}
-
-fn python() -> PathBuf {
-    let py = root().join(".venv/bin/python");
-    assert!(
-        py.exists(),
-        "{} not found: run `bash scripts/setup.sh`",
-        py.display()
-    );
-    py
-}
-
-fn run_python(script: &str, args: &[&str]) -> Json {
-    let o = Command::new(python())
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("the project's Python runs");
-    assert!(o.status.success(), "{}", text(&o));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}\n{}", text(&o)))
 }
 
 fn write_npy<T: ndarray_npy::WritableElement>(path: &Path, a: ArrayD<T>) {

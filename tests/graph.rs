@@ -12,7 +12,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use latentflow_engine::{Params, SourceFactory, Value};
 use latentflow_stages::graph::gcn::{self, GcnInput, GcnParams, GcnSettings};
@@ -22,49 +21,10 @@ use latentflow_stages::graph::{Csr, Graph, GraphFields, GraphLoadSource, Rng, Sp
 use ndarray::{Array1, Array2};
 use serde_json::{json, Value as Json};
 
-use common::{latentflow, root, scratch, text, write_pipeline};
+use common::{graphs_dir, latentflow, root, run_python, scratch, text, write_pipeline};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-/// `shared/data/graphs`, or `None` (with a note on stderr) when it is not there.
-fn graphs_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("LATENTFLOW_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("../shared/data"));
-    let dir = base.join("graphs");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipped: {} not found (set LATENTFLOW_SHARED_DATA to the shared data folder)",
-            dir.display()
-        );
-        None
-    }
-}
-
-fn python() -> PathBuf {
-    let py = root().join(".venv/bin/python");
-    assert!(
-        py.exists(),
-        "{} not found: run `bash scripts/setup.sh`",
-        py.display()
-    );
-    py
-}
-
-/// Runs a Python snippet with the project's interpreter and parses the JSON it prints.
-fn run_python(script: &str, args: &[&str]) -> Json {
-    let o = Command::new(python())
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("the project's Python runs");
-    assert!(o.status.success(), "{}", text(&o));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}\n{}", text(&o)))
-}
 
 fn load_ok(input: Input, opts: &LoadOptions) -> Dataset {
     load(&input, opts).unwrap_or_else(|e| panic!("{e}"))

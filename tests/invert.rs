@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use latentflow_engine::inference::Device;
@@ -21,7 +21,7 @@ use latentflow_stages::invert::{
 use ndarray::{Array1, Array2, ArrayD, Axis, Ix2, IxDyn};
 use serde_json::Value as Json;
 
-use common::{latentflow, read_npy, root, scratch, text, write_pipeline};
+use common::{latentflow, python, read_npy, root, run_python, scratch, text, write_pipeline};
 
 const LATENT: usize = 100;
 
@@ -98,28 +98,6 @@ impl Lcg {
             .wrapping_add(1442695040888963407);
         (self.0 >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
     }
-}
-
-fn python() -> PathBuf {
-    let py = root().join(".venv/bin/python");
-    assert!(
-        py.exists(),
-        "{} not found: run `bash scripts/setup.sh`",
-        py.display()
-    );
-    py
-}
-
-/// Runs a Python snippet with the project's interpreter and parses the JSON it prints.
-fn run_python(script: &str, args: &[&Path]) -> Json {
-    let o = Command::new(python())
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("the project's Python (scripts/setup.sh creates .venv)");
-    assert!(o.status.success(), "{}", text(&o));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}\n{}", text(&o)))
 }
 
 fn read_json(path: &Path) -> Json {

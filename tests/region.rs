@@ -17,20 +17,11 @@ use latentflow_stages::region::{
 use nalgebra::DMatrix;
 use ndarray::{Array2, ArrayD, IxDyn};
 
-use common::{latentflow, max_abs_diff, read_npy, root, scratch, text, write_pipeline};
+use common::{latentflow, max_abs_diff, python, read_npy, root, scratch, text, write_pipeline};
 
 /// The eye and mouth boxes of `pipelines/edit-region.yaml`.
 const EYES: [usize; 4] = [18, 28, 46, 38];
 const MOUTH: [usize; 4] = [24, 43, 40, 52];
-
-fn python() -> std::path::PathBuf {
-    let p = root().join(".venv/bin/python");
-    assert!(
-        p.exists(),
-        "run `bash scripts/setup.sh` first (it creates .venv)"
-    );
-    p
-}
 
 fn write_f64_npy(path: &Path, m: &DMatrix<f64>) {
     let a = ndarray::Array2::from_shape_fn((m.nrows(), m.ncols()), |(i, j)| m[(i, j)]);

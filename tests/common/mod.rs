@@ -77,3 +77,44 @@ pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max)
 }
+
+/// The project's Python interpreter (`.venv`, made by `scripts/setup.sh`).
+pub fn python() -> PathBuf {
+    let py = root().join(".venv/bin/python");
+    assert!(
+        py.exists(),
+        "{} not found: run `bash scripts/setup.sh`",
+        py.display()
+    );
+    py
+}
+
+/// Runs a Python snippet with the project's interpreter and parses the JSON it prints.
+pub fn run_python<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> serde_json::Value {
+    let o = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("the project's Python runs");
+    assert!(o.status.success(), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}\n{}", text(&o)))
+}
+
+/// `shared/data/graphs` (or `$LATENTFLOW_SHARED_DATA/graphs`), or `None`, with a note on
+/// stderr, when it is not there: tests that need it skip.
+pub fn graphs_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("LATENTFLOW_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/data"));
+    let dir = base.join("graphs");
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "skipped: {} not found (set LATENTFLOW_SHARED_DATA to the shared data folder)",
+            dir.display()
+        );
+        None
+    }
+}
