@@ -9,6 +9,8 @@
 //! checking anything when the folder is absent.
 
 mod common;
+#[path = "../fuzz/gzip.rs"]
+mod gzip;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +24,7 @@ use ndarray::{Array1, Array2};
 use serde_json::{json, Value as Json};
 
 use common::{graphs_dir, latentflow, root, run_python, scratch, text, write_pipeline};
+use gzip::gzip_stored;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -807,33 +810,6 @@ fn broken_files_fail_validation_at_the_parameter() {
 
 // ---------------------------------------------------------------------------------------------
 // OGB folders.
-
-/// `data` as a gzip file of stored (uncompressed) deflate blocks, with its CRC-32: a valid
-/// stream written without a compressor (the Cora test below reads Python's real deflate).
-fn gzip_stored(data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
-    if data.is_empty() {
-        out.extend([1, 0, 0, 0xff, 0xff]);
-    }
-    let mut blocks = data.chunks(0xffff).peekable();
-    while let Some(block) = blocks.next() {
-        out.push(u8::from(blocks.peek().is_none()));
-        let len = block.len() as u16;
-        out.extend(len.to_le_bytes());
-        out.extend((!len).to_le_bytes());
-        out.extend(block);
-    }
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    out.extend((!crc).to_le_bytes());
-    out.extend((data.len() as u32).to_le_bytes());
-    out
-}
 
 /// A four-node OGB folder: two features, node 1 and 2 unlabelled (empty, `nan`), a duplicate
 /// edge, the counts, and the standard split in `split/main/`.
