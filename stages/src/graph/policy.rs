@@ -338,11 +338,18 @@ pub fn critic_loss_and_grad(
     (loss, grad)
 }
 
+fn default_eps() -> f64 {
+    1e-8
+}
+
 /// Adam in `f64` over one flat weight vector, with the state a checkpoint keeps.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Adam64 {
     /// Learning rate.
     pub lr: f64,
+    /// Added to the root of the second moment (1e-8 in checkpoints written without it).
+    #[serde(default = "default_eps")]
+    pub eps: f64,
     /// Steps taken.
     pub t: i32,
     /// First moments.
@@ -354,8 +361,14 @@ pub struct Adam64 {
 impl Adam64 {
     /// Adam for `n` weights (betas 0.9 and 0.999, epsilon 1e-8).
     pub fn new(lr: f64, n: usize) -> Self {
+        Adam64::with_eps(lr, default_eps(), n)
+    }
+
+    /// Adam for `n` weights with betas 0.9 and 0.999 and the given epsilon.
+    pub fn with_eps(lr: f64, eps: f64, n: usize) -> Self {
         Adam64 {
             lr,
+            eps,
             t: 0,
             m: vec![0.0; n],
             v: vec![0.0; n],
@@ -364,7 +377,7 @@ impl Adam64 {
 
     /// One step down `grad`.
     pub fn step(&mut self, theta: &mut [f64], grad: &[f64]) {
-        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
+        let (b1, b2, eps) = (0.9f64, 0.999f64, self.eps);
         self.t += 1;
         let c1 = 1.0 - b1.powi(self.t);
         let c2 = 1.0 - b2.powi(self.t);

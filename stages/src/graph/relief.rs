@@ -462,7 +462,7 @@ impl Head {
             }
         }
         let len = self.theta.len();
-        let adam = self.adam.get_or_insert_with(|| Adam::new(s.lr, 1e-8, len));
+        let adam = self.adam.get_or_insert_with(|| Adam::new(s.lr, len));
         adam.lr = s.lr;
         adam.step(&mut self.theta, grad);
     }
@@ -891,7 +891,7 @@ pub fn train(
         prompt: task.prompt_dim(),
     };
     let mut policy = HybridPolicy::new(shape, s.max_z, &mut rng);
-    let mut adam = Adam::new(s.lr, s.adam_eps, policy.theta.len());
+    let mut adam = Adam::with_eps(s.lr, s.adam_eps, policy.theta.len());
     let mut stats = RunningStats::default();
     // The latest end-of-episode readout of every training graph, for the head.
     let mut latest: Vec<Array1<f32>> = unprompted.iter().map(|e| e.readout.clone()).collect();

@@ -325,7 +325,7 @@ pub fn full_prompt(dir: &Path, task: &ReliefTask, s: &GradSettings) -> Result<Gr
         .map_err(|e| e.to_string())?;
     let k = task.prompt_dim();
     let mut z = vec![0.0f64; k];
-    let mut adam = Adam::new(s.lr, 1e-8, k);
+    let mut adam = Adam::new(s.lr, k);
     let start = forward_readouts(&d, &io, task, &task.train, None, &[])?;
     let mut head = Head::new(task.classes, &start.iter().collect::<Vec<_>>());
     let mut losses = Vec::with_capacity(s.epochs);
@@ -392,7 +392,7 @@ pub fn fine_tune(
     let sizes: Vec<usize> = params.iter().map(|p| p.len()).collect();
     let total: usize = sizes.iter().sum();
     let mut flat: Vec<f64> = params.iter().flatten().map(|&v| v as f64).collect();
-    let mut adam = Adam::new(s.lr, 1e-8, total);
+    let mut adam = Adam::new(s.lr, total);
     let feed = |params: &[ArrayD<f32>]| -> Vec<(&str, Tensor)> {
         wrt.iter()
             .zip(params)

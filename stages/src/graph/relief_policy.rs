@@ -761,51 +761,8 @@ impl HybridPolicy {
     }
 }
 
-/// Adam with bias correction for the policy's `f64` weights.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Adam {
-    /// Learning rate.
-    pub lr: f64,
-    /// Added to the root of the second moment.
-    pub eps: f64,
-    /// Steps taken.
-    pub t: i32,
-    /// First moments.
-    pub m: Vec<f64>,
-    /// Second moments.
-    pub v: Vec<f64>,
-}
-
-impl Adam {
-    /// Adam for `n` weights with betas 0.9 and 0.999.
-    pub fn new(lr: f64, eps: f64, n: usize) -> Self {
-        Adam {
-            lr,
-            eps,
-            t: 0,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
-        }
-    }
-
-    /// One step down `grad`.
-    pub fn step(&mut self, theta: &mut [f64], grad: &[f64]) {
-        let (b1, b2) = (0.9f64, 0.999f64);
-        self.t += 1;
-        let c1 = 1.0 - b1.powi(self.t);
-        let c2 = 1.0 - b2.powi(self.t);
-        for (((p, &g), m), v) in theta
-            .iter_mut()
-            .zip(grad)
-            .zip(self.m.iter_mut())
-            .zip(self.v.iter_mut())
-        {
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            *p -= self.lr * (*m / c1) / ((*v / c2).sqrt() + self.eps);
-        }
-    }
-}
+/// Adam for the policy's `f64` weights: the GCBR policies' optimiser, with its epsilon set.
+pub type Adam = super::policy::Adam64;
 
 /// Scales `grad` so that its Euclidean norm is at most `max_norm`; returns the norm before.
 pub fn clip_grad_norm(grad: &mut [f64], max_norm: f64) -> f64 {
