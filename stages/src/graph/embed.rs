@@ -1217,15 +1217,8 @@ struct Settings {
 
 fn settings(params: &Params) -> Result<Settings, Vec<PlanIssue>> {
     let mut issues = Vec::new();
-    let mut count = |name: &str, default: i64, min: i64| -> usize {
-        let v = params.int(name).unwrap_or(default);
-        if v < min {
-            issues.push(PlanIssue::param(
-                name,
-                format!("`{name}` must be at least {min}"),
-            ));
-        }
-        v.max(min) as usize
+    let mut count = |name: &str, default: i64, min: i64| {
+        super::int_param(params, name, default, min, &mut issues)
     };
     let hops = count("hops", 2, 0);
     let layers = count("layers", 2, 1);

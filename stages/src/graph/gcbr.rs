@@ -154,24 +154,10 @@ fn config(params: &Params) -> Result<Config, Vec<PlanIssue>> {
     let mut issues = Vec::new();
     let train = params.str("mode").unwrap_or("label") == "train";
     let int = |name: &str, default: i64, min: i64, issues: &mut Vec<PlanIssue>| {
-        let v = params.int(name).unwrap_or(default);
-        if v < min {
-            issues.push(PlanIssue::param(
-                name,
-                format!("`{name}` must be at least {min}"),
-            ));
-        }
-        v.max(min) as usize
+        super::int_param(params, name, default, min, issues)
     };
     let float = |name: &str, default: f64, lo: f64, hi: f64, issues: &mut Vec<PlanIssue>| {
-        let v = params.float(name).unwrap_or(default);
-        if !(lo..=hi).contains(&v) {
-            issues.push(PlanIssue::param(
-                name,
-                format!("`{name}` must lie in [{lo}, {hi}], got {v}"),
-            ));
-        }
-        v
+        super::float_param(params, name, default, lo, hi, issues)
     };
     let base = if train {
         ClassifierSettings::training()

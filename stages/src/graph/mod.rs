@@ -48,7 +48,7 @@ pub mod state;
 pub mod subgraph;
 
 use latentflow_engine::{
-    DType, Dim, FieldType, Params, Plan, Record, Schema, Shape, Tensor, Value,
+    DType, Dim, FieldType, Params, Plan, PlanIssue, Record, Schema, Shape, Tensor, Value,
 };
 use ndarray::{Array1, Array2, ArrayD, ArrayView2, IxDyn};
 
@@ -399,6 +399,44 @@ impl Default for GraphFields {
             masks: ["train_mask".into(), "val_mask".into(), "test_mask".into()],
         }
     }
+}
+
+/// Integer parameter `name` (`default` when absent) as a count; below `min`, an issue is noted
+/// and `min` is used.
+pub(crate) fn int_param(
+    params: &Params,
+    name: &str,
+    default: i64,
+    min: i64,
+    issues: &mut Vec<PlanIssue>,
+) -> usize {
+    let v = params.int(name).unwrap_or(default);
+    if v < min {
+        issues.push(PlanIssue::param(
+            name,
+            format!("`{name}` must be at least {min}"),
+        ));
+    }
+    v.max(min) as usize
+}
+
+/// Float parameter `name` (`default` when absent); outside `[lo, hi]`, an issue is noted.
+pub(crate) fn float_param(
+    params: &Params,
+    name: &str,
+    default: f64,
+    lo: f64,
+    hi: f64,
+    issues: &mut Vec<PlanIssue>,
+) -> f64 {
+    let v = params.float(name).unwrap_or(default);
+    if !(lo..=hi).contains(&v) {
+        issues.push(PlanIssue::param(
+            name,
+            format!("`{name}` must lie in [{lo}, {hi}], got {v}"),
+        ));
+    }
+    v
 }
 
 /// The parameters that name a graph stage's input fields, in the order of [`GraphFields`].

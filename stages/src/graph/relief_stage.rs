@@ -69,24 +69,10 @@ struct Config {
 fn config(params: &Params) -> Result<Config, Vec<PlanIssue>> {
     let mut issues = Vec::new();
     let int = |name: &str, default: i64, min: i64, issues: &mut Vec<PlanIssue>| {
-        let v = params.int(name).unwrap_or(default);
-        if v < min {
-            issues.push(PlanIssue::param(
-                name,
-                format!("`{name}` must be at least {min}"),
-            ));
-        }
-        v.max(min) as usize
+        super::int_param(params, name, default, min, issues)
     };
     let float = |name: &str, default: f64, lo: f64, hi: f64, issues: &mut Vec<PlanIssue>| {
-        let v = params.float(name).unwrap_or(default);
-        if !(lo..=hi).contains(&v) {
-            issues.push(PlanIssue::param(
-                name,
-                format!("`{name}` must lie in [{lo}, {hi}], got {v}"),
-            ));
-        }
-        v
+        super::float_param(params, name, default, lo, hi, issues)
     };
     let node_task = params.str("task").unwrap_or("node") == "node";
     let shots: Vec<usize> = match params.get("shots") {
