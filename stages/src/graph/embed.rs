@@ -905,8 +905,8 @@ impl Runner {
         }
     }
 
-    /// Runs everything, blocking, and returns each job's piece outputs.
-    fn run(mut self) -> Vec<Result<Vec<PieceOut>, String>> {
+    /// Runs every call, blocking, until all jobs are done.
+    fn drain(&mut self) {
         loop {
             self.fill(None);
             let Some(call) = self.in_flight.pop_front() else {
@@ -915,6 +915,11 @@ impl Runner {
             let reply = call.ticket.wait();
             self.route(call.routes, reply);
         }
+    }
+
+    /// Runs everything, blocking, and returns each job's piece outputs.
+    fn run(mut self) -> Vec<Result<Vec<PieceOut>, String>> {
+        self.drain();
         self.jobs.iter_mut().map(Job::result).collect()
     }
 }
@@ -1097,14 +1102,7 @@ impl GnnEmbedder {
         let job = self.subgraph_job(graph, targets, hops, max_subgraph_nodes, prompt)?;
         let mut runner = Runner::new(self, vec![job]);
         // Run it here to read the truncation count afterwards.
-        loop {
-            runner.fill(None);
-            let Some(call) = runner.in_flight.pop_front() else {
-                break;
-            };
-            let reply = call.ticket.wait();
-            runner.route(call.routes, reply);
-        }
+        runner.drain();
         let truncated = runner.jobs[0].truncated;
         let outs = runner.jobs[0].result()?;
         Ok(subgraph_result(outs, self.io.dim, truncated))
